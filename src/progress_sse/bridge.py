@@ -1,0 +1,191 @@
+"""Celery signal handlers that stream every task's life to Redis.
+
+`install(app)` is the one call: afterwards every task the process publishes gets
+`queued`, and every task a worker runs gets `started`, `retry` and its terminal
+event, with no change to the task. Handlers are connected strongly (a weak
+reference to a function defined here can be collected and then silently stops
+firing), accept `**kwargs` (Celery adds arguments over time), and never raise into
+Celery: a Redis outage costs events, never tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery import Celery, signals
+
+from . import progress
+from .config import Settings
+from .events import State, dumps, finite_number, json_safe, make_event
+from .progress import Coalescer
+from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+_UID = "progress-sse"
+# A result bigger than this is not copied into every watcher's stream.
+MAX_RESULT_BYTES = 64 * 1024
+
+_publisher: Publisher | None = None
+
+
+def install(
+    app: Celery | None = None,
+    settings: Settings | None = None,
+    *,
+    publisher: Publisher | None = None,
+) -> Publisher:
+    """Stream the tasks of this process to Redis; idempotent. Returns the publisher.
+
+    Settings default to the environment (`REDIS_URL`, ...). Celery's signals are
+    process-wide, so every app in the process is covered; `app` is accepted so the
+    call reads naturally next to the app it serves.
+    """
+    global _publisher
+    if settings is None:
+        settings = Settings.from_env(os.environ)
+    publisher = publisher or Publisher.from_settings(settings)
+    _publisher = publisher
+    progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
+    for signal, handler in _HANDLERS:
+        signal.connect(handler, weak=False, dispatch_uid=f"{_UID}:{handler.__name__}")
+    return publisher
+
+
+def uninstall() -> None:
+    global _publisher
+    for signal, handler in _HANDLERS:
+        signal.disconnect(handler, dispatch_uid=f"{_UID}:{handler.__name__}")
+    progress.configure(None)
+    _publisher = None
+
+
+def _tracked(name: str | None) -> bool:
+    # Celery's own housekeeping tasks (chord_unlock, backend_cleanup, ...) are not jobs.
+    return bool(name) and not str(name).startswith("celery.")
+
+
+def _on_before_publish(
+    sender: str | None = None,
+    headers: dict[str, Any] | None = None,
+    body: Any = None,
+    **kwargs: Any,
+) -> None:
+    publisher = _publisher
+    headers = headers or {}
+    name = headers.get("task") or sender
+    if publisher is None or not _tracked(name):
+        return
+    if headers.get("retries"):  # a retry publishing itself again: `retry` tells that story
+        return
+    task_id = headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
+    if not task_id:
+        return
+    publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED))
+
+
+def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    publisher = _publisher
+    name = getattr(task, "name", None)
+    if publisher is None or task_id is None or not _tracked(name):
+        return
+    event = make_event(task_id, name, State.STARTED)
+    hostname = getattr(getattr(task, "request", None), "hostname", None) or ""
+    publisher.publish_quietly(event, started_at=event["ts"], worker=hostname, pid=os.getpid())
+
+
+def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **kwargs: Any) -> None:
+    task_id = getattr(request, "id", None)
+    name = getattr(sender, "name", None)
+    if _publisher is None or task_id is None or not _tracked(name):
+        return
+    extra: dict[str, Any] = {"retries": int(getattr(request, "retries", 0) or 0) + 1}
+    when = getattr(reason, "when", None)
+    if isinstance(when, int | float):
+        extra["eta"] = round(time.time() + when, 3)
+    elif when is not None and hasattr(when, "timestamp"):
+        extra["eta"] = round(when.timestamp(), 3)
+    exc = getattr(reason, "exc", None)
+    message = f"{type(exc).__name__}: {exc}" if exc is not None else str(reason or "retrying")
+    _finish(task_id, name, State.RETRY, message=message, **extra)
+
+
+def _on_success(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
+    request = getattr(sender, "request", None)
+    task_id = getattr(request, "id", None)
+    name = getattr(sender, "name", None)
+    if _publisher is None or task_id is None or not _tracked(name):
+        return
+    _finish(task_id, name, State.SUCCESS, result=_result(result))
+
+
+def _on_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    einfo: Any = None,
+    **kwargs: Any,
+) -> None:
+    name = getattr(sender, "name", None)
+    if _publisher is None or task_id is None or not _tracked(name):
+        return
+    error = {
+        "type": type(exception).__name__ if exception is not None else "Error",
+        "message": str(exception) if exception is not None else "",
+        "traceback": str(getattr(einfo, "traceback", "") or ""),
+    }
+    _finish(task_id, name, State.FAILURE, message=error["message"] or error["type"], error=error)
+
+
+def _on_revoked(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool = False,
+    expired: bool = False,
+    **kwargs: Any,
+) -> None:
+    # Runs in the worker's parent process: the pool process may be gone, so the
+    # request (not the task's context) is what says which task this was.
+    task_id = getattr(request, "id", None)
+    name = getattr(sender, "name", None) or getattr(request, "task_name", None)
+    if _publisher is None or task_id is None or not _tracked(name):
+        return
+    reason = "expired" if expired else "terminated" if terminated else "revoked"
+    _finish(task_id, name, State.REVOKED, message=f"Task {reason}", reason=reason)
+
+
+def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
+    """Publish the last pending progress, then `state`, carrying the last known count
+    so a determinate bar stays determinate (and is full on success)."""
+    assert _publisher is not None
+    coalescer = progress.active()
+    last = coalescer.flush(task_id) if coalescer is not None else None
+    if last is None:
+        latest = _publisher.latest(task_id) or {}
+        last = (finite_number(latest.get("current")) or 0, finite_number(latest.get("total")), None)
+    current, total, _ = last
+    if state is State.SUCCESS and total is not None:
+        current = total
+    event = make_event(task_id, name, state, current=current, total=total, message=message, **extra)
+    _publisher.publish_quietly(event)
+
+
+def _result(result: Any) -> Any:
+    safe = json_safe(result)
+    size = len(dumps(safe).encode())
+    if size > MAX_RESULT_BYTES:
+        return f"<result of {size} bytes not streamed>"
+    return safe
+
+
+_HANDLERS = (
+    (signals.before_task_publish, _on_before_publish),
+    (signals.task_prerun, _on_prerun),
+    (signals.task_retry, _on_retry),
+    (signals.task_success, _on_success),
+    (signals.task_failure, _on_failure),
+    (signals.task_revoked, _on_revoked),
+)

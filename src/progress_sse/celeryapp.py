@@ -1,0 +1,23 @@
+"""A Celery app configured from Settings, shared by the worker and the web process."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from .config import Settings
+
+
+def make_celery(settings: Settings, *, main: str = "progress_sse") -> Celery:
+    app = Celery(main, broker=settings.broker_url)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        broker_connection_retry_on_startup=True,
+        # Progress lives in Redis; a result backend is the app's own choice, not ours.
+        result_backend=None,
+        task_ignore_result=True,
+        # One task at a time per pool process: a long job must not hold shorter ones
+        # back in its prefetch buffer while their bars sit at "queued".
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+    )
+    return app

@@ -1,0 +1,147 @@
+"""States, the event payload and its wire formats: pure values, no I/O.
+
+Both sides share this module: the worker builds payloads with `make_event`, the
+web process turns stored or published payloads into `Frame`s whose SSE bytes are
+encoded once and then written to every watcher as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    RETRY = "retry"
+    SUCCESS = "success"
+    FAILURE = "failure"
+    REVOKED = "revoked"
+    LOST = "lost"
+
+
+TERMINAL_STATES: frozenset[str] = frozenset(
+    {State.SUCCESS, State.FAILURE, State.REVOKED, State.LOST}
+)
+
+# A comment line: ignored by EventSource, but bytes on the wire for proxies and `curl -N`.
+PING = b": ping\n\n"
+
+
+def is_terminal(state: str) -> bool:
+    return state in TERMINAL_STATES
+
+
+def percent_of(current: float, total: float | None) -> float | None:
+    """`100 * current / total`, rounded to 2 places and clamped to 0..100; None if unknown."""
+    if total is None:
+        return None
+    if total <= 0:
+        return 100.0 if current >= total else 0.0
+    return round(min(100.0, max(0.0, 100.0 * current / total)), 2)
+
+
+def make_event(
+    task_id: str,
+    name: str | None,
+    state: str,
+    *,
+    current: float = 0,
+    total: float | None = None,
+    message: str | None = None,
+    ts: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The payload of PROTOCOL.md, in its documented key order."""
+    event: dict[str, Any] = {
+        "task_id": task_id,
+        "name": name,
+        "state": str(state),
+        "current": current,
+        "total": total,
+        "percent": percent_of(current, total),
+        "message": message,
+        "ts": round(time.time() if ts is None else ts, 3),
+    }
+    event.update(extra)
+    return event
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, UTF-8 as is; NaN and infinities are refused rather than sent invalid."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` if JSON can hold it, else its `repr` (PROTOCOL.md: results JSON cannot hold)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def finite_number(value: Any) -> float | int | None:
+    """An int or finite float from what a task passed as current/total, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def encode_sse(*, data: str, event: str | None = None, id: str | None = None) -> bytes:
+    """One SSE frame. Newlines would end a field early, so `id`/`event` lose them and
+    multi-line data becomes several `data:` lines (which EventSource joins with \\n)."""
+    lines = []
+    if id is not None:
+        lines.append("id: " + _one_line(id))
+    if event is not None:
+        lines.append("event: " + _one_line(event))
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        lines.append("data: " + line)
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _one_line(value: str) -> str:
+    return value.replace("\r", "").replace("\n", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One stored event of one task, ready to be written to any number of streams.
+
+    `seq` is the event's place in the one sequence all tasks share (see keys.py), so
+    it is also the SSE cursor: `id: <seq>`.
+    """
+
+    task_id: str
+    seq: int
+    state: str
+    data: str
+    encoded: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoded", encode_sse(id=str(self.seq), event=self.state, data=self.data))
+
+    @property
+    def terminal(self) -> bool:
+        return is_terminal(self.state)
+
+    def payload(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.data)
+        return result
+
+
+def unknown_task_frame(task_id: str) -> bytes:
+    """`/events` tells about an id it does not know once, without an `id:` (the cursor stays)."""
+    return encode_sse(event="unknown", data=dumps({"task_id": task_id}))

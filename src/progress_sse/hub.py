@@ -1,0 +1,277 @@
+"""Web side: the one pub/sub connection of a process and the fan-out to watchers.
+
+However many streams are open, the process holds one subscriber connection. A
+task's channel is subscribed while at least one local watcher wants it, and
+`watch()` returns only once Redis has confirmed the subscription, so a watcher
+that reads history afterwards cannot miss an event published in between.
+
+When the connection drops, the hub reconnects with backoff, subscribes again and
+then tells every watcher to resync: the watcher reads the log from its position,
+so nothing published while the connection was down is lost. A watcher whose
+buffer overflows (a slow client) is told the same thing instead of holding an
+unbounded backlog: the log is the buffer.
+
+An idle watcher costs no Redis command at all; the hub pings only its own
+connection, and only when it has heard nothing for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .events import Frame
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class Signal(enum.Enum):
+    RESYNC = "resync"  # read the log from your position: live messages may be missing
+    CLOSE = "close"  # the server is shutting down
+
+
+Item = Frame | Signal
+
+
+class Watcher:
+    """One stream's inbox: frames in publish order, or a signal."""
+
+    def __init__(self, task_ids: Iterable[str], *, limit: int) -> None:
+        self.task_ids = frozenset(task_ids)
+        self.closed = False
+        self._limit = limit
+        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+
+    def deliver(self, item: Item) -> None:
+        if self._queue.qsize() >= self._limit:
+            # Too far behind: drop the backlog and read it back from the log later.
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            item = Signal.RESYNC
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.put_nowait(Signal.CLOSE)
+
+    async def next(self, timeout: float) -> Item | None:
+        """The next item, or None after `timeout` seconds of silence."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
+        except TimeoutError:
+            return None
+
+
+class _Channel:
+    __slots__ = ("ready", "watchers")
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class HubUnavailable(Exception):
+    """Redis did not confirm a subscription in time."""
+
+
+class Hub:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        buffer: int = 1000,
+        subscribe_timeout: float = 10.0,
+        idle_ping: float = 30.0,
+        backoff: tuple[float, float] = (0.05, 5.0),
+    ) -> None:
+        # `client` must not retry on its own: redis-py's pub/sub would reconnect
+        # and resubscribe silently, and the messages in between would be lost.
+        self._client = client
+        self._keys = keys
+        self._buffer = buffer
+        self._subscribe_timeout = subscribe_timeout
+        self._idle_ping = idle_ping
+        self._backoff = backoff
+        self._channels: dict[str, _Channel] = {}
+        self._watchers: set[Watcher] = set()
+        self._active: set[str] = set()  # SUBSCRIBE sent on this connection, not undone
+        self._unconfirmed: Counter[str] = Counter()
+        self._dirty = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.connections = 0  # how many times the subscriber connected (tests read it)
+
+    async def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="progress-sse hub")
+
+    async def close(self) -> None:
+        self.close_watchers()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+
+    def close_watchers(self) -> None:
+        """End every open stream (on shutdown); clients resume elsewhere with their cursor."""
+        for watcher in list(self._watchers):
+            watcher.close()
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    @property
+    def subscribed_tasks(self) -> set[str]:
+        return {self._keys.task_of_channel(c) for c in self._channels}
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_ids: Iterable[str]) -> AsyncIterator[Watcher]:
+        watcher = Watcher(task_ids, limit=self._buffer)
+        channels = [self._keys.channel(t) for t in watcher.task_ids]
+        self._watchers.add(watcher)
+        for name in channels:
+            channel = self._channels.get(name)
+            if channel is None:
+                channel = self._channels[name] = _Channel()
+            channel.watchers.add(watcher)
+        self._dirty.set()
+        try:
+            try:
+                async with asyncio.timeout(self._subscribe_timeout):
+                    for name in channels:
+                        await asyncio.shield(self._channels[name].ready)
+            except TimeoutError:
+                raise HubUnavailable("Redis did not confirm the subscription in time") from None
+            yield watcher
+        finally:
+            self._watchers.discard(watcher)
+            for name in channels:
+                channel = self._channels.get(name)
+                if channel is not None:
+                    channel.watchers.discard(watcher)
+                    if not channel.watchers:
+                        del self._channels[name]
+                        if not channel.ready.done():
+                            channel.ready.cancel()
+            self._dirty.set()
+
+    async def _run(self) -> None:
+        delay = self._backoff[0]
+        first = True
+        while True:
+            pubsub = self._client.pubsub()
+            syncer: asyncio.Task[None] | None = None
+            try:
+                await pubsub.subscribe(self._keys.control_channel)
+                self.connections += 1
+                self._active.clear()
+                self._unconfirmed.clear()
+                syncer = asyncio.create_task(self._sync(pubsub))
+                self._dirty.set()
+                if not first:
+                    resync = asyncio.create_task(self._resync_all())
+                    self._background.add(resync)
+                    resync.add_done_callback(self._background.discard)
+                first = False
+                await self._read(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("progress-sse lost its Redis subscription (%s); reconnecting in %.2fs", exc, delay)
+            finally:
+                if syncer is not None:
+                    syncer.cancel()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            # New watchers must wait for the next connection's confirmation.
+            for channel in self._channels.values():
+                if channel.ready.done():
+                    channel.ready = asyncio.get_running_loop().create_future()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff[1])
+
+    async def _read(self, pubsub: Any) -> None:
+        awaiting_pong = False
+        while True:
+            message = await pubsub.get_message(timeout=self._idle_ping)
+            if message is None:
+                if awaiting_pong:
+                    raise ConnectionError("the subscriber connection stopped answering")
+                await pubsub.ping()
+                awaiting_pong = True
+                continue
+            awaiting_pong = False
+            kind = message["type"]
+            if kind == "message":
+                self._dispatch(message["channel"], message["data"])
+            elif kind == "subscribe":
+                self._confirmed(message["channel"])
+
+    def _dispatch(self, name: str, data: str) -> None:
+        channel = self._channels.get(name)
+        if channel is None:
+            return  # unsubscribed meanwhile
+        seq, state, payload = data.split("\n", 2)
+        frame = Frame(self._keys.task_of_channel(name), int(seq), state, payload)
+        for watcher in channel.watchers:
+            watcher.deliver(frame)
+
+    def _confirmed(self, name: str) -> None:
+        self._unconfirmed[name] -= 1
+        if self._unconfirmed[name] <= 0:
+            del self._unconfirmed[name]
+            channel = self._channels.get(name)
+            if channel is not None and name in self._active and not channel.ready.done():
+                channel.ready.set_result(None)
+
+    async def _sync(self, pubsub: Any) -> None:
+        """Make the connection's subscriptions match what watchers want. One coroutine
+        sends every SUBSCRIBE/UNSUBSCRIBE, so they reach Redis in the order decided."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._apply(pubsub)
+            except (RedisError, OSError) as exc:
+                # The reader sees the same broken connection and reconnects.
+                log.debug("progress-sse could not change subscriptions: %s", exc)
+                return
+
+    async def _apply(self, pubsub: Any) -> None:
+        wanted = set(self._channels)
+        add, drop = wanted - self._active, self._active - wanted
+        self._active = wanted
+        for name in add:
+            self._unconfirmed[name] += 1
+        # A channel given up and wanted again before we ran is still subscribed.
+        for name in wanted - add:
+            channel = self._channels[name]
+            if not self._unconfirmed[name] and not channel.ready.done():
+                channel.ready.set_result(None)
+        if add:
+            await pubsub.subscribe(*add)
+        if drop:
+            await pubsub.unsubscribe(*drop)
+
+    async def _resync_all(self) -> None:
+        """After a reconnect: once every channel is confirmed again, each watcher reads
+        what it missed from the log."""
+        try:
+            async with asyncio.timeout(self._subscribe_timeout):
+                for channel in list(self._channels.values()):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(channel.ready)
+        except TimeoutError:
+            return  # the connection dropped again; the next one resyncs
+        for watcher in list(self._watchers):
+            watcher.deliver(Signal.RESYNC)

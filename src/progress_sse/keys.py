@@ -1,0 +1,54 @@
+"""Redis key and channel names.
+
+Every per-task key and channel carries `{task_id}` as a hash tag, so one task's log,
+state and notifications live in one Redis Cluster slot. Two keys are shared by all
+tasks: the sequence counter that orders every event (and so lets one SSE cursor
+cover many tasks) and the recent-tasks index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Celery ids are UUIDs, but apps may choose their own; this admits those while
+# keeping out braces (hash tags), whitespace and anything unreasonably long.
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}")
+
+
+def is_task_id(value: str) -> bool:
+    return _TASK_ID.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "progress-sse"
+
+    def state(self, task_id: str) -> str:
+        """Hash: the task's latest event, its cursor and what is known of the task."""
+        return f"{self.prefix}:task:{{{task_id}}}:state"
+
+    def log(self, task_id: str) -> str:
+        """Stream: every event of the task, entry id `<seq>-0`."""
+        return f"{self.prefix}:task:{{{task_id}}}:log"
+
+    def channel(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{{{task_id}}}:events"
+
+    def task_of_channel(self, channel: str) -> str:
+        start, end = channel.find("{"), channel.rfind("}")
+        return channel[start + 1 : end]
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:seq"
+
+    @property
+    def recent(self) -> str:
+        """Sorted set: task id scored by the time it was first seen."""
+        return f"{self.prefix}:recent"
+
+    @property
+    def control_channel(self) -> str:
+        """Kept subscribed by the web process so its pub/sub connection is never idle-empty."""
+        return f"{self.prefix}:hub"

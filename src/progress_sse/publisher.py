@@ -1,0 +1,160 @@
+"""Worker and publisher side: store an event and announce it, in one round trip.
+
+A Lua script appends the event to the task's log, updates its state hash and
+publishes it on the task's channel atomically, so a watcher can never see a
+notification for an event that is not in the log yet, and the `id` it carries is
+the log id that was just made. The same script keeps the one rule every reader
+relies on: nothing is stored after a task's terminal event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .config import Settings
+from .events import TERMINAL_STATES, dumps
+from .keys import Keys
+
+log = logging.getLogger(__name__)
+
+_APPEND = """
+local prev = redis.call('HGET', KEYS[1], 'state')
+if prev then
+  if prev == 'success' or prev == 'failure' or prev == 'revoked' or prev == 'lost' then
+    return 0
+  end
+  -- `queued` only opens a log: a retry publishes the task again under the same id.
+  if ARGV[3] == 'queued' then return 0 end
+end
+local ttl = tonumber(ARGV[5])
+local seq = redis.call('INCR', KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'latest', ARGV[4])
+if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+redis.call('HINCRBY', KEYS[1], 'events', 1)
+if not prev then
+  redis.call('HSET', KEYS[1], 'created_at', ARGV[7])
+  redis.call('ZADD', KEYS[4], ARGV[7], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[7]) - ttl))
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
+return seq
+"""
+
+
+def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
+    """A client that fails fast: a task must never hang on, or retry forever against,
+    a Redis that is down."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        health_check_interval=30,
+        client_name=name,
+    )
+
+
+class Publisher:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        history_ttl: int = 86_400,
+        history_max: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.history_ttl = history_ttl
+        self.history_max = history_max
+        self._append = client.register_script(_APPEND)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Publisher:
+        return cls(
+            sync_client(settings.redis_url),
+            Keys(settings.key_prefix),
+            history_ttl=settings.history_ttl,
+            history_max=settings.history_max,
+        )
+
+    def publish(self, event: Mapping[str, Any], **fields: str | float | int) -> int | None:
+        """Store and announce `event`; extra `fields` go into the task's state hash.
+
+        Returns the event's cursor, or None when the task was already terminal (or a
+        second `queued` came): the event was refused and nothing changed. Raises on
+        Redis errors; the signal handlers use `publish_quietly`.
+        """
+        task_id = str(event["task_id"])
+        state = str(event["state"])
+        if state in TERMINAL_STATES:
+            fields.setdefault("finished_at", event["ts"])
+        if event.get("name"):
+            fields.setdefault("name", str(event["name"]))
+        pairs: list[str | float | int] = []
+        for key, value in fields.items():
+            pairs += [key, value]
+        seq = self._append(
+            keys=[
+                self.keys.state(task_id),
+                self.keys.log(task_id),
+                self.keys.seq,
+                self.keys.recent,
+            ],
+            args=[
+                self.keys.channel(task_id),
+                task_id,
+                state,
+                dumps(event),
+                self.history_ttl,
+                self.history_max,
+                event["ts"],
+                *pairs,
+            ],
+        )
+        return int(seq) or None
+
+    def publish_quietly(self, event: Mapping[str, Any], **fields: str | float | int) -> int | None:
+        """`publish` that logs instead of raising: for code running inside Celery."""
+        try:
+            return self.publish(event, **fields)
+        except Exception:
+            log.warning(
+                "progress-sse could not store the %s event of task %s",
+                event.get("state"),
+                event.get("task_id"),
+                exc_info=True,
+            )
+            return None
+
+    def latest(self, task_id: str) -> dict[str, Any] | None:
+        """The task's latest stored event, or None (unknown task, or Redis unreachable)."""
+        try:
+            raw = self.client.hget(self.keys.state(task_id), "latest")
+        except redis.RedisError:
+            log.warning("progress-sse could not read task %s", task_id, exc_info=True)
+            return None
+        if raw is None:
+            return None
+        latest: dict[str, Any] = json.loads(raw)
+        return latest
+
+    def discard(self, task_id: str) -> None:
+        """Forget a task that was never really queued (its publish to the broker failed)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.state(task_id), self.keys.log(task_id))
+        pipe.zrem(self.keys.recent, task_id)
+        pipe.execute()
+
+

@@ -1,0 +1,18 @@
+"""The worker's Celery app: `celery -A progress_sse.tasks worker` (or `progress-sse worker`).
+
+Configured from the environment, with the bridge installed and the demo tasks registered.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import demo
+from .bridge import install
+from .celeryapp import make_celery
+from .config import Settings
+
+settings = Settings.from_env(os.environ)
+app = make_celery(settings)
+install(app, settings)
+demo.register(app)

