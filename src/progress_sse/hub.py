@@ -59,12 +59,21 @@ class Watcher:
             item = Signal.RESYNC
         self._queue.put_nowait(item)
 
+    def pending(self) -> list[Item]:
+        """Every item already waiting, without waiting for more."""
+        items = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
     def close(self) -> None:
         self.closed = True
         self._queue.put_nowait(Signal.CLOSE)
 
     async def next(self, timeout: float) -> Item | None:
         """The next item, or None after `timeout` seconds of silence."""
+        if not self._queue.empty():  # no timer to arm and cancel when there is work
+            return self._queue.get_nowait()
         try:
             async with asyncio.timeout(timeout):
                 return await self._queue.get()
@@ -110,18 +119,36 @@ class Hub:
         self._dirty = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._pubsub: Any = None
         self.connections = 0  # how many times the subscriber connected (tests read it)
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="progress-sse hub")
 
     async def close(self) -> None:
+        self._closing = True
         self.close_watchers()
+        for task in [self._runner, *self._background]:
+            if task is not None:
+                task.cancel()
         if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+            _, pending = await asyncio.wait({self._runner}, timeout=1)
+            if pending and self._pubsub is not None:
+                # redis-py can lose a cancellation that lands mid-read; a closed
+                # connection ends the read for certain.
+                with contextlib.suppress(Exception):
+                    await self._pubsub.aclose()
+        for task in [self._runner, *self._background]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._runner = None
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def close_watchers(self) -> None:
         """End every open stream (on shutdown); clients resume elsewhere with their cursor."""
@@ -170,23 +197,29 @@ class Hub:
     async def _run(self) -> None:
         delay = self._backoff[0]
         first = True
-        while True:
+        while not self._closing:
             pubsub = self._client.pubsub()
             syncer: asyncio.Task[None] | None = None
             try:
+                self._pubsub = pubsub
                 await pubsub.subscribe(self._keys.control_channel)
+                if self._closing:  # the cancellation may have been lost in redis-py's connect
+                    return
                 self.connections += 1
+                delay = self._backoff[0]
                 self._active.clear()
                 self._unconfirmed.clear()
                 syncer = asyncio.create_task(self._sync(pubsub))
                 self._dirty.set()
                 if not first:
-                    resync = asyncio.create_task(self._resync_all())
-                    self._background.add(resync)
-                    resync.add_done_callback(self._background.discard)
+                    self._spawn(self._resync_all())
                 first = False
                 await self._read(pubsub)
             except (RedisError, OSError) as exc:
+                # redis-py may turn a cancellation that lands mid-read into a
+                # ConnectionError; a hub that is closing must not take that for an outage.
+                if self._closing or _cancelling():
+                    raise asyncio.CancelledError from exc
                 log.warning("progress-sse lost its Redis subscription (%s); reconnecting in %.2fs", exc, delay)
             finally:
                 if syncer is not None:
@@ -275,3 +308,8 @@ class Hub:
             return  # the connection dropped again; the next one resyncs
         for watcher in list(self._watchers):
             watcher.deliver(Signal.RESYNC)
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -115,10 +115,11 @@ class Coalescer:
                     return
                 slot.pending = False
                 current, total, message = slot.last
-            event = make_event(
-                task_id, slot.name, State.PROGRESS, current=current, total=total, message=message
-            )
-            self.publisher.publish_quietly(event)
+            event = make_event(task_id, slot.name, State.PROGRESS, current=current, total=total, message=message)
+            try:
+                self.publisher.publish_quietly(event)
+            except Exception:  # the thread must outlive any publisher, and a flush never raise
+                log.warning("progress-sse could not publish progress of task %s", task_id, exc_info=True)
 
 
 _coalescer: Coalescer | None = None
@@ -176,7 +177,10 @@ def track(
             total = None
     for count, item in enumerate(iterable, start=1):
         yield item
-        text = message.format(current=count, total=total) if message else None
+        try:
+            text = message.format(current=count, total=total) if message else None
+        except (KeyError, IndexError, ValueError, AttributeError):
+            text = message  # a message it cannot format is shown as written
         set_progress(count, total, text, task_id=task_id)
 
 

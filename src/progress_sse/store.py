@@ -105,15 +105,26 @@ class Store:
         return list(heapq.merge(*per_task, key=lambda f: f.seq)), max(upto, position)
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
-        task_ids: list[str] = await self.client.zrevrange(self.keys.recent, 0, limit - 1)
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hgetall(self.keys.state(task_id))
-        states = await pipe.execute()
-        gone = [t for t, s in zip(task_ids, states, strict=True) if not s]
-        if gone:  # their history expired; the index forgets them too
-            await self.client.zrem(self.keys.recent, *gone)
-        return [describe(s) for s in states if s]
+        """The newest `limit` tasks whose history is still kept, newest first."""
+        found: list[dict[str, Any]] = []
+        start = 0
+        while len(found) < limit:
+            # Tasks expire by their last event but are indexed by their first, so an
+            # expired one can sit among live ones: read on until the page is full.
+            task_ids: list[str] = await self.client.zrevrange(self.keys.recent, start, start + limit - 1)
+            if not task_ids:
+                break
+            start += len(task_ids)
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in task_ids:
+                pipe.hgetall(self.keys.state(task_id))
+            states = await pipe.execute()
+            gone = [t for t, s in zip(task_ids, states, strict=True) if not s]
+            if gone:  # the index forgets them too
+                await self.client.zrem(self.keys.recent, *gone)
+                start -= len(gone)
+            found += [describe(s) for s in states if s]
+        return found[:limit]
 
 
 def describe(state: dict[str, str]) -> dict[str, Any]:

@@ -82,17 +82,23 @@ class EventStream:
                 if item is None:
                     await response.write(PING)
                     continue
-                if item is Signal.CLOSE:
-                    break
-                if item is Signal.RESYNC:
-                    frames, position = await self.store.after(waiting, position)
-                else:
-                    if item.seq <= position or item.task_id not in waiting:
+                # Everything already waiting goes out in one write: a client that
+                # fell behind catches up without a send per frame.
+                out: list[bytes] = []
+                for item in [item, *watcher.pending()]:
+                    if item is Signal.CLOSE:
+                        break
+                    if item is Signal.RESYNC:
+                        frames, position = await self.store.after(waiting, position)
+                    elif item.seq <= position or item.task_id not in waiting:
                         continue
-                    frames, position = [item], item.seq
-                for frame in frames:
-                    await response.write(frame.encoded)
-                    if frame.terminal:
-                        waiting.discard(frame.task_id)
+                    else:
+                        frames, position = [item], item.seq
+                    for frame in frames:
+                        out.append(frame.encoded)
+                        if frame.terminal:
+                            waiting.discard(frame.task_id)
+                if out:
+                    await response.write(b"".join(out))
             await response.write_eof()
             return response

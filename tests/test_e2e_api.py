@@ -1,0 +1,161 @@
+"""The HTTP API's answers, and every bad input: a clear JSON error, nothing queued."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+
+from progress_sse.config import Settings
+from progress_sse.keys import Keys
+
+from .conftest import Server
+
+pytestmark = pytest.mark.e2e
+
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+
+@pytest.fixture
+async def idle(make_server: Any, settings: Settings) -> AsyncIterator[Server]:
+    """A server whose tasks go to a queue no worker reads: what is queued stays countable."""
+    server: Server = await make_server(settings.with_(queue=f"{settings.queue}-idle"))
+    yield server
+
+
+def queued_count(redis_client: redis.Redis, settings: Settings) -> tuple[int, int]:
+    return (
+        redis_client.llen(f"{settings.queue}-idle"),
+        redis_client.zcard(Keys(settings.key_prefix).recent),
+    )
+
+
+async def test_start_task_answers_202_with_links_and_queued_already_stored(
+    idle: Server, settings: Settings, redis_client: redis.Redis
+) -> None:
+    before = queued_count(redis_client, settings)
+    async with idle.session.post(idle.url("/tasks"), json={"name": "demo.count", "kwargs": {"n": 3}}) as resp:
+        assert resp.status == 202
+        body = await resp.json()
+    task_id = body["id"]
+    assert resp.headers["Location"] == f"/tasks/{task_id}"
+    assert body == {
+        "id": task_id,
+        "name": "demo.count",
+        "state": "queued",
+        "status_url": f"/tasks/{task_id}",
+        "events_url": f"/tasks/{task_id}/events",
+    }
+    state = await idle.state(task_id)
+    assert state["state"] == "queued" and state["name"] == "demo.count"
+    assert state["created_at"] and state["started_at"] is None
+    assert queued_count(redis_client, settings) == (before[0] + 1, before[1] + 1)
+
+
+BAD_STARTS = [
+    # (content type, body, status, words the error must contain)
+    ("text/plain", b'{"name": "demo.count"}', 415, "application/json"),
+    ("application/json", b"{not json", 400, "not valid JSON"),
+    ("application/json", b'["demo.count"]', 400, "JSON object"),
+    ("application/json", b'{"name": "os.system"}', 422, "'os.system' is not a task"),
+    ("application/json", b'{"name": 42}', 422, "not a task"),
+    ("application/json", b'{"name": "demo.count", "args": {"n": 1}}', 422, "args must be a JSON array"),
+    ("application/json", b'{"name": "demo.count", "kwargs": [1]}', 422, "kwargs must be a JSON object"),
+    ("application/json", b'{"name": "demo.count", "kwargs": {"m": 1}}', 422, "no parameter 'm'"),
+    ("application/json", b'{"name": "demo.count", "kwargs": {"n": "ten"}}', 422, "n must be a whole number"),
+    ("application/json", b'{"name": "demo.count", "kwargs": {"n": 0}}', 422, "n must be from 1"),
+    ("application/json", b'{"name": "demo.count", "args": [1, 2, 3]}', 422, "at most 2 positional"),
+    ("application/json", b'{"name": "demo.mystery", "kwargs": {"min_s": 5, "max_s": 1}}', 422, "min_s (5) must not"),
+    ("application/json", b'{"name": "demo.fail", "kwargs": {"delay": true}}', 422, "delay must be a number"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body", "status", "words"), BAD_STARTS)
+async def test_bad_start_gets_clear_error_and_queues_nothing(
+    idle: Server, settings: Settings, redis_client: redis.Redis,
+    content_type: str, body: bytes, status: int, words: str,
+) -> None:
+    before = queued_count(redis_client, settings)
+    async with idle.session.post(idle.url("/tasks"), data=body, headers={"Content-Type": content_type}) as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        assert words in (await resp.json())["error"]
+    assert queued_count(redis_client, settings) == before
+
+
+async def test_oversized_body_is_refused_with_413(idle: Server, settings: Settings, redis_client: redis.Redis) -> None:
+    before = queued_count(redis_client, settings)
+    big = b'{"name": "demo.count", "pad": "' + b"x" * (70 * 1024) + b'"}'
+    async with idle.session.post(idle.url("/tasks"), data=big, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+        assert "64 KiB" in (await resp.json())["error"]
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused while reading
+        for _ in range(200):
+            yield b" " * 1024
+
+    async with idle.session.post(idle.url("/tasks"), data=chunks(), headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+    assert queued_count(redis_client, settings) == before
+
+
+async def test_unreachable_broker_gets_503_and_leaves_nothing_behind(
+    make_server: Any, settings: Settings, redis_client: redis.Redis
+) -> None:
+    server: Server = await make_server(settings.with_(broker_url="redis://127.0.0.1:1/0"))
+    recent = redis_client.zcard(Keys(settings.key_prefix).recent)
+    async with server.session.post(server.url("/tasks"), json={"name": "demo.count"}) as resp:
+        assert resp.status == 503
+        assert "nothing was queued" in (await resp.json())["error"]
+    assert redis_client.zcard(Keys(settings.key_prefix).recent) == recent
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "words"),
+    [
+        ("GET", f"/tasks/{UNKNOWN}", 404, "no task"),
+        ("GET", "/tasks/not%20an%20id", 404, "not a task id"),
+        ("GET", f"/tasks/{UNKNOWN}/events", 404, "no task"),
+        ("GET", "/tasks/%7Bbraces%7D/events", 404, "There is no"),
+        ("GET", "/events", 400, "Name the tasks"),
+        ("GET", "/events?task=", 400, "Name the tasks"),
+        ("GET", "/events?task=bad%20id", 400, "not a task id"),
+        ("GET", "/events?" + "&".join(f"task=t{i}" for i in range(101)), 400, "At most 100"),
+        ("GET", "/tasks?limit=0", 400, "limit must be"),
+        ("GET", "/tasks?limit=501", 400, "limit must be"),
+        ("GET", "/tasks?limit=ten", 400, "limit must be"),
+        ("GET", "/tasks?limit=1.5", 400, "limit must be"),
+        ("PUT", "/tasks", 405, "PUT is not allowed"),
+        ("GET", "/nowhere", 404, "There is no /nowhere"),
+    ],
+)
+async def test_bad_requests_get_json_errors(server: Server, method: str, path: str, status: int, words: str) -> None:
+    async with server.session.request(method, server.url(path)) as resp:
+        assert resp.status == status
+        assert resp.content_type == "application/json"
+        assert words in (await resp.json())["error"]
+
+
+async def test_recent_tasks_are_newest_first_and_limited(idle: Server) -> None:
+    ids = [await idle.start_task("demo.count", n=1) for _ in range(3)]
+    async with idle.session.get(idle.url("/tasks?limit=2")) as resp:
+        assert resp.status == 200
+        tasks = (await resp.json())["tasks"]
+    assert [t["task_id"] for t in tasks] == ids[::-1][:2]
+    assert all(t["state"] == "queued" and t["name"] == "demo.count" for t in tasks)
+
+
+async def test_healthz_reports_redis(server: Server, make_server: Any, settings: Settings) -> None:
+    async with server.session.get(server.url("/healthz")) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok", "redis": "ok"}
+    down: Server = await make_server(settings.with_(redis_url="redis://127.0.0.1:1/0"))
+    async with down.session.get(down.url("/healthz")) as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["status"] == "error" and "Redis is not answering" in body["error"]
+    async with down.session.get(down.url(f"/tasks/{UNKNOWN}")) as resp:
+        assert resp.status == 503
+        assert "Redis is not answering" in (await resp.json())["error"]

@@ -1,0 +1,480 @@
+"""hub.py against a real Redis: one pub/sub connection per process, confirmed and
+reference-counted subscriptions, in-order fan-out, reconnect + resync, bounded inboxes.
+
+Every hub gets its own client whose name carries a uuid, so `CLIENT LIST` finds exactly
+its connection (and `CLIENT KILL ID` kills exactly it), and its own key prefix below the
+run's prefix, so no other test's publishes reach its channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import types
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+import progress_sse.hub as hub_module
+from progress_sse.config import Settings
+from progress_sse.events import Frame, make_event
+from progress_sse.hub import Hub, HubUnavailable, Item, Signal, Watcher
+from progress_sse.keys import Keys
+from progress_sse.publisher import Publisher, sync_client
+from progress_sse.store import Store
+
+from .conftest import wait_until
+
+WAIT = 5.0  # generous upper bound for anything we await; a pass never waits this long
+
+
+@dataclass
+class HubUnderTest:
+    hub: Hub
+    client: aioredis.Redis
+    name: str
+
+
+@pytest.fixture
+def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
+    prefix = f"{settings.key_prefix}-hub-{uuid.uuid4().hex[:8]}"
+    yield Keys(prefix)
+    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if found:
+        redis_client.delete(*found)
+
+
+@pytest.fixture
+def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
+    client = sync_client(settings.redis_url, name=f"pst-hub-publisher-{uuid.uuid4().hex[:8]}")
+    yield Publisher(client, keys, history_ttl=600)
+    client.close()
+
+
+@pytest.fixture
+async def make_hub(settings: Settings, keys: Keys) -> AsyncIterator[Callable[..., Awaitable[HubUnderTest]]]:
+    """`await make_hub(url=None, **hub_kwargs)`: a started Hub on its own no-retry client."""
+    made: list[HubUnderTest] = []
+
+    async def make(*, url: str | None = None, **kwargs: Any) -> HubUnderTest:
+        name = f"pst-hub-test-{uuid.uuid4().hex}"
+        client = aioredis.Redis.from_url(
+            url or settings.redis_url,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 0),
+            client_name=name,
+        )
+        hub = Hub(client, keys, **kwargs)
+        made.append(HubUnderTest(hub, client, name))
+        await hub.start()
+        return made[-1]
+
+    yield make
+    for h in made:
+        await h.hub.close()
+        await h.client.aclose()
+
+
+def new_task() -> str:
+    return str(uuid.uuid4())
+
+
+def numsub(redis_client: redis.Redis, channel: str) -> int:
+    ((_, count),) = redis_client.pubsub_numsub(channel)
+    return int(count)
+
+
+def connections_named(redis_client: redis.Redis, name: str, kind: str | None = None) -> list[dict[str, str]]:
+    clients = redis_client.client_list(_type=kind) if kind else redis_client.client_list()
+    return [c for c in clients if c.get("name") == name]
+
+
+def the_connection(redis_client: redis.Redis, name: str) -> dict[str, str]:
+    (conn,) = connections_named(redis_client, name, "pubsub")
+    return conn
+
+
+def publish(publisher: Publisher, task_id: str, state: str, **kwargs: Any) -> Frame:
+    payload = make_event(task_id, "demo.count", state, **kwargs)
+    seq = publisher.publish(payload)
+    assert seq is not None
+    return Frame(task_id, seq, state, "")
+
+
+async def expect(watcher: Watcher, what: str) -> Item:
+    item = await watcher.next(WAIT)
+    assert item is not None, f"nothing reached the watcher within {WAIT}s (expected {what})"
+    return item
+
+
+async def expect_frame(watcher: Watcher, sent: Frame) -> Frame:
+    item = await expect(watcher, f"frame {sent.seq}")
+    assert isinstance(item, Frame), f"expected frame {sent.seq}, got {item}"
+    assert (item.task_id, item.seq, item.state) == (sent.task_id, sent.seq, sent.state)
+    return item
+
+
+async def drain(watcher: Watcher) -> list[Item]:
+    """What is in the inbox right now, without waiting for more."""
+    items: list[Item] = []
+    while (item := await watcher.next(0)) is not None:
+        items.append(item)
+    return items
+
+
+async def test_watch_returns_only_after_redis_confirmed_the_subscriptions(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], keys: Keys, redis_client: redis.Redis
+) -> None:
+    h = await make_hub()
+    tasks = [new_task() for _ in range(3)]
+    for task_id in tasks:
+        assert numsub(redis_client, keys.channel(task_id)) == 0
+    async with h.hub.watch(tasks):
+        # No waiting here: the (blocking) checks run before the hub can do anything more.
+        assert [numsub(redis_client, keys.channel(t)) for t in tasks] == [1, 1, 1]
+        assert h.hub.subscribed_tasks == set(tasks)
+        assert h.hub.watcher_count == 1
+
+
+async def test_published_frames_reach_the_watcher_in_order(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
+) -> None:
+    h = await make_hub()
+    task_id = new_task()
+    async with h.hub.watch([task_id]) as watcher:
+        sent = [
+            publish(publisher, task_id, "queued"),
+            publish(publisher, task_id, "started"),
+            *(publish(publisher, task_id, "progress", current=i, total=3, message=f"step\n{i}") for i in (1, 2, 3)),
+            publish(publisher, task_id, "success", current=3, total=3, result={"ok": True}),
+        ]
+        received = [await expect_frame(watcher, s) for s in sent]
+    assert [f.payload()["current"] for f in received[2:5]] == [1, 2, 3]
+    assert received[2].payload()["message"] == "step\n1"
+    assert received[-1].payload()["result"] == {"ok": True}
+    assert received[-1].terminal
+
+
+async def test_a_watcher_of_several_tasks_gets_all_their_frames_in_publish_order(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
+) -> None:
+    h = await make_hub()
+    a, b = new_task(), new_task()
+    async with h.hub.watch([a, b]) as watcher:
+        sent = [
+            publish(publisher, a, "queued"),
+            publish(publisher, b, "queued"),
+            publish(publisher, b, "started"),
+            publish(publisher, a, "started"),
+        ]
+        for s in sent:
+            await expect_frame(watcher, s)
+
+
+async def test_two_watchers_of_one_task_share_one_subscription(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    h = await make_hub()
+    task_id = new_task()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(h.hub.watch([task_id]))
+        async with h.hub.watch([task_id]) as second:
+            assert numsub(redis_client, keys.channel(task_id)) == 1
+            # The control channel plus this one task: one subscription, not one per watcher.
+            assert the_connection(redis_client, h.name)["sub"] == "2"
+            frame = publish(publisher, task_id, "queued")
+            await expect_frame(first, frame)
+            await expect_frame(second, frame)
+        # The remaining watcher keeps the subscription: it still hears new events.
+        later = publish(publisher, task_id, "started")
+        await expect_frame(first, later)
+        assert numsub(redis_client, keys.channel(task_id)) == 1
+        assert h.hub.watcher_count == 1
+
+
+async def test_one_pubsub_connection_for_fifty_watchers_over_twenty_tasks(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    h = await make_hub()
+    tasks = [new_task() for _ in range(20)]
+    async with contextlib.AsyncExitStack() as stack:
+        watchers = [await stack.enter_async_context(h.hub.watch([tasks[i % 20]])) for i in range(50)]
+        assert h.hub.watcher_count == 50
+        # Every connection of this client, of any type: exactly one, and it is the subscriber.
+        assert len(connections_named(redis_client, h.name)) == 1
+        conn = the_connection(redis_client, h.name)
+        assert conn["sub"] == "21"  # 20 task channels + the control channel
+        assert all(numsub(redis_client, keys.channel(t)) == 1 for t in tasks)
+
+        sent = {t: publish(publisher, t, "queued") for t in tasks}
+        for i, watcher in enumerate(watchers):
+            await expect_frame(watcher, sent[tasks[i % 20]])
+        assert h.hub.connections == 1
+
+
+async def test_leaving_the_last_watcher_unsubscribes_only_that_task(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    h = await make_hub()
+    gone, stays = new_task(), new_task()
+    async with h.hub.watch([stays]) as staying:
+        async with h.hub.watch([gone]), h.hub.watch([gone]):
+            assert numsub(redis_client, keys.channel(gone)) == 1
+        await wait_until(
+            lambda: numsub(redis_client, keys.channel(gone)) == 0, WAIT, "the left channel to be unsubscribed"
+        )
+        assert numsub(redis_client, keys.channel(stays)) == 1
+        assert h.hub.subscribed_tasks == {stays}
+        assert the_connection(redis_client, h.name)["sub"] == "2"
+        frame = publish(publisher, stays, "queued")
+        await expect_frame(staying, frame)
+
+
+async def test_watching_a_task_again_after_leaving_it_resubscribes(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    h = await make_hub()
+    task_id = new_task()
+    for state in ("queued", "started", "progress"):
+        # Leave and come back at once: the unsubscribe and the new subscribe may cross.
+        async with h.hub.watch([task_id]) as watcher:
+            assert numsub(redis_client, keys.channel(task_id)) == 1
+            await expect_frame(watcher, publish(publisher, task_id, state))
+    await wait_until(lambda: numsub(redis_client, keys.channel(task_id)) == 0, WAIT, "the channel to be unsubscribed")
+
+
+async def test_idle_watchers_cause_no_redis_commands(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], redis_client: redis.Redis
+) -> None:
+    """Redis's own view of the hub's connection is the honest witness here.
+
+    `CLIENT LIST` reports for each connection `idle`: whole seconds since Redis last
+    read a command from it or wrote a reply or message to it. Server-wide counters
+    (INFO commandstats, total_commands_processed) also count every other client of a
+    shared Redis, and MONITOR is far too heavy, so instead: with ten idle watchers
+    open, this client must keep exactly one connection, its `idle` must reach 2 s
+    (so not one command in those two seconds: no polling, no per-watcher ping, no
+    other connection) and its last command must still be the subscription's. The
+    default idle_ping (30 s) is far longer than that window; the next test shows
+    that a command on the connection does reset what we observe here.
+    """
+    h = await make_hub()
+    tasks = [new_task() for _ in range(5)]
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(10):
+            await stack.enter_async_context(h.hub.watch([tasks[i % 5]]))
+        before = the_connection(redis_client, h.name)
+        assert before["cmd"] == "subscribe"
+        await wait_until(
+            lambda: int(the_connection(redis_client, h.name)["idle"]) >= 2,
+            WAIT,
+            "the hub's connection to stay silent for 2 s",
+        )
+        after = the_connection(redis_client, h.name)
+        assert after["id"] == before["id"]
+        assert after["cmd"] == before["cmd"]
+        assert int(after["age"]) > int(before["age"])
+        assert len(connections_named(redis_client, h.name)) == 1
+
+
+async def test_hub_pings_its_idle_connection_and_keeps_it_while_pongs_come_back(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher, redis_client: redis.Redis
+) -> None:
+    h = await make_hub(idle_ping=0.2)
+    task_id = new_task()
+    async with h.hub.watch([task_id]) as watcher:
+        first = the_connection(redis_client, h.name)
+        await wait_until(
+            lambda: the_connection(redis_client, h.name)["cmd"] == "ping", WAIT, "the hub to ping when idle"
+        )
+        # A missing PONG would make the hub drop the connection one idle_ping later; over
+        # a whole second (five pings) it must keep the very same connection.
+        await wait_until(
+            lambda: int(the_connection(redis_client, h.name)["age"]) >= int(first["age"]) + 1,
+            WAIT,
+            "the connection to live through several pings",
+        )
+        assert the_connection(redis_client, h.name)["id"] == first["id"]
+        assert h.hub.connections == 1
+        await expect_frame(watcher, publish(publisher, task_id, "queued"))
+        assert h.hub.connections == 1
+
+
+async def test_watch_raises_hub_unavailable_when_redis_never_confirms(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await make_hub(url="redis://127.0.0.1:1/0", subscribe_timeout=0.3)
+    with pytest.raises(HubUnavailable):
+        async with h.hub.watch([new_task()]):
+            pytest.fail("watch() returned without a confirmed subscription")
+    assert h.hub.watcher_count == 0
+    assert h.hub.subscribed_tasks == set()
+    assert h.hub.connections == 0
+    assert any("lost its Redis subscription" in r.getMessage() for r in caplog.records)
+
+
+async def test_after_its_connection_is_killed_the_hub_reconnects_resubscribes_and_resyncs_every_watcher(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+    settings: Settings,
+) -> None:
+    h = await make_hub()
+    a, b = new_task(), new_task()
+    position = publish(publisher, a, "queued").seq
+    async with contextlib.AsyncExitStack() as stack:
+        watchers = [
+            await stack.enter_async_context(h.hub.watch([a])),
+            await stack.enter_async_context(h.hub.watch([a])),
+            await stack.enter_async_context(h.hub.watch([a, b])),
+        ]
+        old = the_connection(redis_client, h.name)
+        assert redis_client.client_kill_filter(_id=old["id"]) == 1
+        # Published while the subscriber is gone: pub/sub cannot deliver it...
+        missed = publish(publisher, a, "started")
+
+        await wait_until(lambda: h.hub.connections == 2, WAIT, "the hub to reconnect")
+        for watcher in watchers:
+            assert await expect(watcher, "a resync") is Signal.RESYNC
+        # ...but the log has it, which is what a resync reads.
+        store_client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            frames, _ = await Store(store_client, keys).after([a, b], position)
+        finally:
+            await store_client.aclose()
+        assert [(f.seq, f.state) for f in frames] == [(missed.seq, "started")]
+
+        assert numsub(redis_client, keys.channel(a)) == 1
+        assert numsub(redis_client, keys.channel(b)) == 1
+        new = the_connection(redis_client, h.name)
+        assert new["id"] != old["id"]
+        assert new["sub"] == "3"
+        assert len(connections_named(redis_client, h.name)) == 1
+
+        live_a = publish(publisher, a, "progress", current=1, total=2)
+        live_b = publish(publisher, b, "queued")
+        await expect_frame(watchers[0], live_a)
+        await expect_frame(watchers[1], live_a)
+        await expect_frame(watchers[2], live_a)
+        await expect_frame(watchers[2], live_b)
+
+
+async def test_a_watcher_arriving_during_a_reconnect_waits_for_the_new_subscription(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    # A long first backoff keeps the hub disconnected while the new watcher arrives.
+    h = await make_hub(backoff=(0.5, 1.0))
+    present, arriving = new_task(), new_task()
+    async with h.hub.watch([present]):
+        redis_client.client_kill_filter(_id=the_connection(redis_client, h.name)["id"])
+        async with h.hub.watch([arriving]) as watcher:
+            assert h.hub.connections == 2
+            assert numsub(redis_client, keys.channel(arriving)) == 1
+            sent = publish(publisher, arriving, "queued")
+            item = await expect(watcher, f"frame {sent.seq}")
+            if item is Signal.RESYNC:  # the reconnect's resync may reach it too: harmless
+                item = await expect(watcher, f"frame {sent.seq}")
+            assert isinstance(item, Frame) and item.seq == sent.seq, item
+
+
+async def test_an_overflowing_inbox_becomes_a_resync_instead_of_a_backlog(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
+) -> None:
+    h = await make_hub(buffer=5)
+    slow_task, other_task = new_task(), new_task()
+    async with h.hub.watch([slow_task]) as slow, h.hub.watch([other_task]) as other:
+        sent = [publish(publisher, slow_task, "queued")]
+        sent += [publish(publisher, slow_task, "progress", current=i, total=19) for i in range(1, 20)]
+        marker = publish(publisher, other_task, "queued")
+        # Pub/sub keeps publish order on the one connection: once the marker is here,
+        # all 20 frames of the slow task were delivered to its inbox.
+        await expect_frame(other, marker)  # the slow watcher holds no one else up
+
+        items = await drain(slow)
+    assert items, "the slow watcher's inbox was empty"
+    assert items[0] is Signal.RESYNC
+    assert len(items) <= 5, f"the inbox held {len(items)} items with buffer=5"
+    frames = [i for i in items if isinstance(i, Frame)]
+    assert len(frames) == len(items) - 1
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(seqs)
+    assert set(seqs) <= {s.seq for s in sent}
+
+
+async def test_close_watchers_sends_close_and_marks_them_closed(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+) -> None:
+    h = await make_hub()
+    async with h.hub.watch([new_task()]) as one, h.hub.watch([new_task(), new_task()]) as two:
+        assert not one.closed and not two.closed
+        h.hub.close_watchers()
+        assert one.closed and two.closed
+        assert await expect(one, "close") is Signal.CLOSE
+        assert await expect(two, "close") is Signal.CLOSE
+
+
+async def test_hub_close_finishes_promptly_and_drops_its_connection(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], redis_client: redis.Redis
+) -> None:
+    h = await make_hub()
+    async with h.hub.watch([new_task()]) as watcher:
+        assert len(connections_named(redis_client, h.name, "pubsub")) == 1
+        async with asyncio.timeout(2):
+            await h.hub.close()
+        assert watcher.closed
+        assert await expect(watcher, "close") is Signal.CLOSE
+    await wait_until(lambda: not connections_named(redis_client, h.name), WAIT, "the hub's connection to be closed")
+
+
+class _AsyncioSpy(types.SimpleNamespace):
+    """hub.py's view of `asyncio`: everything real, but every sleep's length recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        await asyncio.sleep(delay)
+
+
+async def test_reconnect_backoff_starts_over_after_a_successful_connection(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = _AsyncioSpy()
+    monkeypatch.setattr(hub_module, "asyncio", spy)
+    h = await make_hub(backoff=(0.05, 5.0))
+    async with h.hub.watch([new_task()]):
+        for drop in range(1, 4):
+            redis_client.client_kill_filter(_id=the_connection(redis_client, h.name)["id"])
+            await wait_until(lambda n=drop: h.hub.connections == n + 1, WAIT, f"reconnect #{drop}")
+    # Each drop came after a healthy connection, so each should wait the first step only.
+    assert spy.sleeps == [0.05, 0.05, 0.05]

@@ -1,0 +1,288 @@
+"""publisher.py against a real Redis: one Lua round trip appends, updates and announces.
+
+Each test gets its own key prefix below the run's prefix, so the shared sequence and
+the recent-tasks index hold only what that test made (the e2e worker may publish under
+the run's prefix at the same time) and the session cleanup still removes every key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from progress_sse.config import Settings
+from progress_sse.events import TERMINAL_STATES, make_event
+from progress_sse.keys import Keys
+from progress_sse.publisher import Publisher, sync_client
+
+# A port nothing listens on: connection refused at once.
+UNREACHABLE_URL = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
+    prefix = f"{settings.key_prefix}-pub-{uuid.uuid4().hex[:8]}"
+    yield Keys(prefix)
+    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if found:
+        redis_client.delete(*found)
+
+
+@pytest.fixture
+def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
+    client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
+    yield Publisher(client, keys, history_ttl=600, history_max=1000)
+    client.close()
+
+
+def new_task() -> str:
+    return str(uuid.uuid4())
+
+
+def event(task_id: str, state: str, **kwargs: Any) -> dict[str, Any]:
+    return make_event(task_id, "demo.count", state, **kwargs)
+
+
+def test_publish_returns_increasing_cursors_shared_across_tasks(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    a, b = new_task(), new_task()
+    cursors = [
+        publisher.publish(event(a, "queued")),
+        publisher.publish(event(b, "queued")),
+        publisher.publish(event(a, "started")),
+        publisher.publish(event(b, "started")),
+        publisher.publish(event(a, "progress", current=1, total=2)),
+    ]
+    assert all(isinstance(c, int) for c in cursors), cursors
+    # One sequence for every task of this prefix, and only this test publishes under it.
+    assert cursors == [1, 2, 3, 4, 5]
+    assert int(redis_client.get(keys.seq)) == 5
+    assert [e[0] for e in redis_client.xrange(keys.log(a))] == ["1-0", "3-0", "5-0"]
+    assert [e[0] for e in redis_client.xrange(keys.log(b))] == ["2-0", "4-0"]
+
+
+def test_stream_entry_id_is_the_cursor_with_state_and_json_payload_fields(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    payload = event(task_id, "progress", current=3, total=10, message="Processing item 3: ünïcode")
+    seq = publisher.publish(payload)
+    entries = redis_client.xrange(keys.log(task_id))
+    assert len(entries) == 1
+    entry_id, fields = entries[0]
+    assert entry_id == f"{seq}-0"
+    assert set(fields) == {"s", "d"}
+    assert fields["s"] == "progress"
+    assert json.loads(fields["d"]) == payload
+
+
+def test_state_hash_tracks_latest_event_and_what_is_known_of_the_task(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    queued = event(task_id, "queued", ts=1000.5)
+    publisher.publish(queued)
+    state = redis_client.hgetall(keys.state(task_id))
+    assert state["state"] == "queued"
+    assert state["name"] == "demo.count"
+    assert float(state["created_at"]) == 1000.5
+    assert "finished_at" not in state
+
+    started = event(task_id, "started", ts=1001.0)
+    seq_started = publisher.publish(started, started_at=1001.0, worker="celery@host", pid=4242)
+    state = redis_client.hgetall(keys.state(task_id))
+    assert state["state"] == "started"
+    assert int(state["seq"]) == seq_started
+    assert json.loads(state["latest"]) == started
+    # Extra keyword fields land in the hash as they are.
+    assert float(state["started_at"]) == 1001.0
+    assert state["worker"] == "celery@host"
+    assert state["pid"] == "4242"
+    # created_at is the first event's time and is never moved by later ones.
+    assert float(state["created_at"]) == 1000.5
+    assert "finished_at" not in state
+
+    done = event(task_id, "success", ts=1002.25, current=10, total=10, result=42)
+    seq_done = publisher.publish(done)
+    state = redis_client.hgetall(keys.state(task_id))
+    assert state["state"] == "success"
+    assert int(state["seq"]) == seq_done
+    assert json.loads(state["latest"]) == done
+    assert float(state["finished_at"]) == 1002.25
+    assert float(state["created_at"]) == 1000.5
+    assert state["worker"] == "celery@host"  # earlier fields stay
+
+
+def test_publish_announces_seq_state_and_json_on_the_task_channel(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    pubsub = redis_client.pubsub()
+    try:
+        pubsub.subscribe(keys.channel(task_id))
+        confirmation = pubsub.get_message(timeout=2)
+        assert confirmation is not None and confirmation["type"] == "subscribe"
+
+        payload = event(task_id, "progress", current=1, total=4, message="line one\nline two")
+        seq = publisher.publish(payload)
+        message = pubsub.get_message(timeout=2)
+    finally:
+        pubsub.close()
+    assert message is not None, "no PUBLISH reached the task's channel"
+    assert message["type"] == "message"
+    assert message["channel"] == keys.channel(task_id)
+    raw_seq, state, data = message["data"].split("\n", 2)
+    assert int(raw_seq) == seq
+    assert state == "progress"
+    assert json.loads(data) == payload  # newlines inside the payload survive the split
+
+
+def test_second_queued_is_refused_and_changes_nothing(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    first = event(task_id, "queued", ts=2000.0)
+    seq = publisher.publish(first)
+    assert seq is not None
+    before = redis_client.hgetall(keys.state(task_id))
+
+    # A Celery retry publishes the task again under the same id: it must not reopen the log.
+    assert publisher.publish(event(task_id, "queued", ts=2001.0)) is None
+    assert redis_client.xlen(keys.log(task_id)) == 1
+    assert redis_client.hgetall(keys.state(task_id)) == before
+    assert int(redis_client.get(keys.seq)) == seq  # no cursor was used up
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINAL_STATES))
+def test_nothing_is_stored_after_a_terminal_event(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis, terminal: str
+) -> None:
+    task_id = new_task()
+    publisher.publish(event(task_id, "started"))
+    seq = publisher.publish(event(task_id, terminal))
+    assert seq is not None
+    before = redis_client.hgetall(keys.state(task_id))
+
+    barrier = f"{keys.prefix}:barrier"
+    pubsub = redis_client.pubsub()
+    try:
+        pubsub.subscribe(keys.channel(task_id), barrier)
+        for _ in range(2):
+            confirmation = pubsub.get_message(timeout=2)
+            assert confirmation is not None and confirmation["type"] == "subscribe"
+        for late in ("progress", "started", "retry", "queued", "success", "failure"):
+            assert publisher.publish(event(task_id, late), worker="late") is None, late
+        # Redis keeps publish order: any message a refused event sent would come before this one.
+        redis_client.publish(barrier, "done")
+        message = pubsub.get_message(timeout=2)
+    finally:
+        pubsub.close()
+    assert message is not None and message["channel"] == barrier, f"a refused event was announced: {message}"
+    assert redis_client.xlen(keys.log(task_id)) == 2
+    assert redis_client.hgetall(keys.state(task_id)) == before
+    assert int(redis_client.get(keys.seq)) == seq
+
+
+def test_both_keys_get_the_history_ttl(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:
+    client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
+    try:
+        publisher = Publisher(client, keys, history_ttl=120)
+        task_id = new_task()
+        publisher.publish(event(task_id, "queued"))
+        redis_client.expire(keys.state(task_id), 5)
+        redis_client.expire(keys.log(task_id), 5)
+        publisher.publish(event(task_id, "started"))  # every event renews both
+    finally:
+        client.close()
+    for key in (keys.state(task_id), keys.log(task_id)):
+        ttl = redis_client.ttl(key)
+        assert 100 < ttl <= 120, (key, ttl)
+
+
+def test_log_is_capped_near_history_max(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:
+    client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
+    task_id = new_task()
+    try:
+        publisher = Publisher(client, keys, history_max=100)
+        last = None
+        for i in range(300):
+            last = publisher.publish(event(task_id, "progress", current=i, total=300))
+    finally:
+        client.close()
+    length = redis_client.xlen(keys.log(task_id))
+    # MAXLEN ~ trims whole stream nodes: at least history_max stay, far fewer than all.
+    assert 100 <= length <= 200, length
+    newest = redis_client.xrevrange(keys.log(task_id), count=1)
+    assert newest[0][0] == f"{last}-0"  # the cap drops the oldest, never the newest
+    assert redis_client.hget(keys.state(task_id), "events") == "300"
+
+
+def test_recent_index_gets_the_task_once_scored_by_its_first_event(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    now = time.time()
+    task_id = new_task()
+    publisher.publish(event(task_id, "queued", ts=now))
+    publisher.publish(event(task_id, "started", ts=now + 1))
+    publisher.publish(event(task_id, "progress", ts=now + 2, current=1, total=2))
+    publisher.publish(event(task_id, "success", ts=now + 3))
+    assert redis_client.zrange(keys.recent, 0, -1, withscores=True) == [(task_id, pytest.approx(now, abs=1e-3))]
+
+
+def test_discard_removes_the_task_keys_and_index_entry_only(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    gone, kept = new_task(), new_task()
+    publisher.publish(event(gone, "queued"))
+    publisher.publish(event(kept, "queued"))
+    publisher.discard(gone)
+    assert redis_client.exists(keys.state(gone), keys.log(gone)) == 0
+    assert redis_client.zscore(keys.recent, gone) is None
+    assert redis_client.exists(keys.state(kept), keys.log(kept)) == 2
+    assert redis_client.zscore(keys.recent, kept) is not None
+    # Forgotten, the id can be queued again from scratch.
+    assert publisher.publish(event(gone, "queued")) is not None
+
+
+def test_publish_quietly_returns_none_when_redis_is_unreachable(keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    client = sync_client(UNREACHABLE_URL, name="pst-unreachable")
+    try:
+        publisher = Publisher(client, keys)
+        task_id = new_task()
+        with caplog.at_level(logging.WARNING, logger="progress_sse.publisher"):
+            assert publisher.publish_quietly(event(task_id, "progress", current=1, total=2)) is None
+        with pytest.raises(redis.ConnectionError):
+            publisher.publish(event(task_id, "progress", current=1, total=2))
+        assert publisher.latest(task_id) is None  # reads do not raise either
+    finally:
+        client.close()
+    assert any(task_id in r.getMessage() for r in caplog.records), "the failure was not logged"
+
+
+def test_publish_quietly_returns_the_cursor_when_redis_answers(publisher: Publisher, keys: Keys) -> None:
+    task_id = new_task()
+    seq = publisher.publish_quietly(event(task_id, "queued"))
+    assert seq is not None and seq >= 1
+    assert publisher.publish_quietly(event(task_id, "queued")) is None  # refused, quietly
+
+
+def test_latest_returns_the_last_stored_payload(publisher: Publisher) -> None:
+    task_id = new_task()
+    assert publisher.latest(task_id) is None
+    publisher.publish(event(task_id, "queued"))
+    last = event(task_id, "progress", current=7, total=10, message="seven")
+    publisher.publish(last)
+    assert publisher.latest(task_id) == last
+    publisher.publish(event(task_id, "success", current=10, total=10))
+    refused = event(task_id, "progress", current=11, total=10)
+    publisher.publish(refused)
+    latest = publisher.latest(task_id)
+    assert latest is not None and latest["state"] == "success"
