@@ -99,9 +99,16 @@ class Worker:
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "progress_sse", "worker",
-                f"--concurrency={concurrency}", "--pool=prefork", f"--hostname={self.hostname}",
-                "--without-gossip", "--without-mingle", "--loglevel=INFO",
+                sys.executable,
+                "-m",
+                "progress_sse",
+                "worker",
+                f"--concurrency={concurrency}",
+                "--pool=prefork",
+                f"--hostname={self.hostname}",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel=INFO",
             ],
             env=worker_env(settings),
             stdout=self._log,

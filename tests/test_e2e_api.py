@@ -74,8 +74,13 @@ BAD_STARTS = [
 
 @pytest.mark.parametrize(("content_type", "body", "status", "words"), BAD_STARTS)
 async def test_bad_start_gets_clear_error_and_queues_nothing(
-    idle: Server, settings: Settings, redis_client: redis.Redis,
-    content_type: str, body: bytes, status: int, words: str,
+    idle: Server,
+    settings: Settings,
+    redis_client: redis.Redis,
+    content_type: str,
+    body: bytes,
+    status: int,
+    words: str,
 ) -> None:
     before = queued_count(redis_client, settings)
     async with idle.session.post(idle.url("/tasks"), data=body, headers={"Content-Type": content_type}) as resp:
@@ -96,7 +101,8 @@ async def test_oversized_body_is_refused_with_413(idle: Server, settings: Settin
         for _ in range(200):
             yield b" " * 1024
 
-    async with idle.session.post(idle.url("/tasks"), data=chunks(), headers={"Content-Type": "application/json"}) as resp:
+    headers = {"Content-Type": "application/json"}
+    async with idle.session.post(idle.url("/tasks"), data=chunks(), headers=headers) as resp:
         assert resp.status == 413
     assert queued_count(redis_client, settings) == before
 

@@ -59,7 +59,8 @@ class AllowedTask:
             raise ParamError(f"kwargs must be a JSON object, not {type(kwargs).__name__}")
         names = list(self.params)
         if len(args) > len(names):
-            raise ParamError(f"{self.name} takes at most {len(names)} positional arguments ({', '.join(names) or 'none'}), not {len(args)}")
+            takes = ", ".join(names) or "none"
+            raise ParamError(f"{self.name} takes at most {len(names)} positional arguments ({takes}), not {len(args)}")
         bound: dict[str, Any] = dict(zip(names, args, strict=False))
         for key, value in kwargs.items():
             if key not in self.params:

@@ -47,10 +47,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--redis-url", help="Redis for events, and the broker unless CELERY_BROKER_URL is set [env REDIS_URL; default redis://localhost:6379/0]")
+        p.add_argument(
+            "--redis-url",
+            help="Redis for events, and the broker unless CELERY_BROKER_URL is set "
+            "[env REDIS_URL; default redis://localhost:6379/0]",
+        )
         p.add_argument("--broker-url", help="Celery broker [env CELERY_BROKER_URL; default: the Redis URL]")
-        p.add_argument("--queue", help="Celery queue for tasks started over HTTP [env PROGRESS_SSE_QUEUE; default celery]")
-        p.add_argument("--key-prefix", help="prefix of every Redis key and channel [env PROGRESS_SSE_KEY_PREFIX; default progress-sse]")
+        p.add_argument(
+            "--queue", help="Celery queue for tasks started over HTTP [env PROGRESS_SSE_QUEUE; default celery]"
+        )
+        p.add_argument(
+            "--key-prefix",
+            help="prefix of every Redis key and channel [env PROGRESS_SSE_KEY_PREFIX; default progress-sse]",
+        )
 
     def web_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", help="interface to listen on [env HOST; default 0.0.0.0]")

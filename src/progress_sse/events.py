@@ -26,9 +26,7 @@ class State(StrEnum):
     LOST = "lost"
 
 
-TERMINAL_STATES: frozenset[str] = frozenset(
-    {State.SUCCESS, State.FAILURE, State.REVOKED, State.LOST}
-)
+TERMINAL_STATES: frozenset[str] = frozenset({State.SUCCESS, State.FAILURE, State.REVOKED, State.LOST})
 
 # A comment line: ignored by EventSource, but bytes on the wire for proxies and `curl -N`.
 PING = b": ping\n\n"
@@ -96,7 +94,8 @@ def finite_number(value: Any) -> float | int | None:
             return None
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    return value
+    number: float | int = value
+    return number
 
 
 def encode_sse(*, data: str, event: str | None = None, id: str | None = None) -> bytes:

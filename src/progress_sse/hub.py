@@ -225,7 +225,7 @@ class Hub:
                 if syncer is not None:
                     syncer.cancel()
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             # New watchers must wait for the next connection's confirmation.
             for channel in self._channels.values():
                 if channel.ready.done():

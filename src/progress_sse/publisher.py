@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-
 from collections.abc import Mapping
 from typing import Any
 
@@ -156,5 +155,3 @@ class Publisher:
         pipe.delete(self.keys.state(task_id), self.keys.log(task_id))
         pipe.zrem(self.keys.recent, task_id)
         pipe.execute()
-
-

@@ -12,7 +12,7 @@ import heapq
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -54,8 +54,8 @@ class Store:
         self.keys = keys
 
     async def task(self, task_id: str) -> dict[str, str] | None:
-        raw: dict[str, str] = await self.client.hgetall(self.keys.state(task_id))
-        return raw or None
+        raw = await self.client.hgetall(self.keys.state(task_id))
+        return cast(dict[str, str], raw) or None
 
     async def start(self, task_ids: Sequence[str], cursor: int | None) -> Start:
         pipe = self.client.pipeline(transaction=True)
@@ -111,7 +111,7 @@ class Store:
         while len(found) < limit:
             # Tasks expire by their last event but are indexed by their first, so an
             # expired one can sit among live ones: read on until the page is full.
-            task_ids: list[str] = await self.client.zrevrange(self.keys.recent, start, start + limit - 1)
+            task_ids = cast(list[str], await self.client.zrevrange(self.keys.recent, start, start + limit - 1))
             if not task_ids:
                 break
             start += len(task_ids)

@@ -53,9 +53,7 @@ class EventStream:
         self.store = store
         self.heartbeat = heartbeat
 
-    async def serve(
-        self, request: web.Request, task_ids: Sequence[str], *, single: bool
-    ) -> web.StreamResponse:
+    async def serve(self, request: web.Request, task_ids: Sequence[str], *, single: bool) -> web.StreamResponse:
         cursor = parse_cursor(request)
         async with self.hub.watch(task_ids) as watcher:
             start = await self.store.start(task_ids, cursor)
@@ -78,14 +76,14 @@ class EventStream:
 
             position = start.upto
             while waiting and not watcher.closed:
-                item = await watcher.next(self.heartbeat)
-                if item is None:
+                first = await watcher.next(self.heartbeat)
+                if first is None:
                     await response.write(PING)
                     continue
                 # Everything already waiting goes out in one write: a client that
                 # fell behind catches up without a send per frame.
                 out: list[bytes] = []
-                for item in [item, *watcher.pending()]:
+                for item in [first, *watcher.pending()]:
                     if item is Signal.CLOSE:
                         break
                     if item is Signal.RESYNC:

@@ -143,7 +143,9 @@ async def start_task(request: web.Request) -> web.Response:
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(web.HTTPBadRequest, f"The body is not valid JSON: {exc}.") from None
     if not isinstance(data, dict):
-        raise error(web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.')
+        raise error(
+            web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.'
+        )
     name = data.get("name")
     try:
         kwargs = request.app[ALLOWLIST].check(name, data.get("args", []), data.get("kwargs", {}))
@@ -151,7 +153,7 @@ async def start_task(request: web.Request) -> web.Response:
         raise error(web.HTTPUnprocessableEntity, f"{exc}.") from None
 
     task_id = str(uuid.uuid4())
-    await asyncio.to_thread(_queue, request.app, task_id, name, kwargs)
+    await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
     location = f"/tasks/{task_id}"
     return _json(
         {
@@ -221,7 +223,10 @@ async def many_events(request: web.Request) -> web.StreamResponse:
     if not task_ids:
         raise error(web.HTTPBadRequest, "Name the tasks to watch: /events?task=<id>&task=<id>.")
     if len(task_ids) > MAX_STREAM_TASKS:
-        raise error(web.HTTPBadRequest, f"At most {MAX_STREAM_TASKS} tasks per stream, not {len(task_ids)}; open another stream for the rest.")
+        raise error(
+            web.HTTPBadRequest,
+            f"At most {MAX_STREAM_TASKS} tasks per stream, not {len(task_ids)}; open another stream for the rest.",
+        )
     bad = [t for t in task_ids if not is_task_id(t)]
     if bad:
         raise error(web.HTTPBadRequest, f"{bad[0]!r} is not a task id.")
@@ -236,10 +241,10 @@ async def cancel_task(request: web.Request) -> web.Response:
         if state is None:
             raise error(web.HTTPNotFound, f"There is no task {task_id!r} (or its history has expired).")
         if is_terminal(state["state"]):
-            raise error(web.HTTPConflict, f"Task {task_id} has already ended ({state['state']}); there is nothing to cancel.")
-        await asyncio.to_thread(
-            app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM"
-        )
+            raise error(
+                web.HTTPConflict, f"Task {task_id} has already ended ({state['state']}); there is nothing to cancel."
+            )
+        await asyncio.to_thread(app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM")
         # A queued task has no worker process to report its revocation soon (it may
         # sit behind others, or no worker may be up): record it now. A running one
         # is terminated by its worker, which reports it; if none does in time, the
@@ -290,5 +295,6 @@ async def healthz(request: web.Request) -> web.Response:
             await request.app[REDIS].ping()
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return _json({"status": "error", "redis": reason, "error": f"Redis is not answering ({reason})."}, status=503)
+        body = {"status": "error", "redis": reason, "error": f"Redis is not answering ({reason})."}
+        return _json(body, status=503)
     return _json({"status": "ok", "redis": "ok"})
