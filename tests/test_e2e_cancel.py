@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -11,7 +12,7 @@ import redis
 
 from progress_sse.config import Settings
 
-from .conftest import Server
+from .conftest import Server, Worker, wait_until
 from .sse import SSEReader
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker")]
@@ -78,3 +79,35 @@ async def test_killed_pool_process_ends_in_failure(server: Server) -> None:
     assert failure.event == "failure"
     assert failure.payload["error"]["type"] == "WorkerLostError"
     assert "SIGKILL" in failure.payload["error"]["message"] or "signal 9" in failure.payload["error"]["message"]
+
+
+async def test_task_revoked_while_no_worker_was_up_is_not_run_later(
+    make_server: Any, settings: Settings, redis_client: redis.Redis, output_dir: Any
+) -> None:
+    late = settings.with_(queue=f"{settings.queue}-late")
+    server: Server = await make_server(late)
+    task_id = await server.start_task("demo.count", n=3, delay=0.01)
+    async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
+        assert resp.status == 202
+    assert redis_client.llen(late.queue) == 1, "still waiting in the broker"
+
+    worker = Worker(late, output_dir / "late-worker.log", concurrency=1)
+    try:
+        await asyncio.to_thread(worker.wait_ready)
+        await wait_until(lambda: redis_client.llen(late.queue) == 0, what="the late worker to take the message")
+        await wait_until(
+            lambda: "revoked" in worker.log_path.read_text() and task_id in worker.log_path.read_text(),
+            what="the worker to discard the revoked task",
+        )
+    finally:
+        await asyncio.to_thread(worker.stop)
+    log = worker.log_path.read_text()
+    assert f"Task demo.count[{task_id}] succeeded" not in log
+    events = [e async for e in _history(server, task_id)]
+    assert [e.event for e in events] == ["queued", "revoked"]
+
+
+async def _history(server: Server, task_id: str) -> Any:
+    async with server.session.get(server.url(f"/tasks/{task_id}/events?last_event_id=0")) as resp:
+        for event in await SSEReader(resp).rest():
+            yield event

@@ -87,6 +87,20 @@ def _on_before_publish(
     publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED))
 
 
+def _on_received(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    # Runs in the worker's parent when a message arrives. Celery keeps revocations
+    # only in the memory of workers that heard the broadcast; one revoked while no
+    # worker was up (DELETE stores `revoked` then) would otherwise still run.
+    publisher = _publisher
+    task_id = getattr(request, "id", None)
+    if publisher is None or task_id is None or not _tracked(getattr(request, "name", None)):
+        return
+    if publisher.state(task_id) == State.REVOKED:
+        from celery.worker import state as worker_state
+
+        worker_state.revoked.add(task_id)  # the pool skips it and reports it revoked
+
+
 def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     publisher = _publisher
     name = getattr(task, "name", None)
@@ -183,6 +197,7 @@ def _result(result: Any) -> Any:
 
 _HANDLERS = (
     (signals.before_task_publish, _on_before_publish),
+    (signals.task_received, _on_received),
     (signals.task_prerun, _on_prerun),
     (signals.task_retry, _on_retry),
     (signals.task_success, _on_success),

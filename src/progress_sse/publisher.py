@@ -149,6 +149,15 @@ class Publisher:
         latest: dict[str, Any] = json.loads(raw)
         return latest
 
+    def state(self, task_id: str) -> str | None:
+        """The task's current state, or None (unknown task, or Redis unreachable)."""
+        try:
+            raw = self.client.hget(self.keys.state(task_id), "state")
+        except redis.RedisError:
+            log.warning("progress-sse could not read task %s", task_id, exc_info=True)
+            return None
+        return raw.decode() if isinstance(raw, bytes) else raw
+
     def discard(self, task_id: str) -> None:
         """Forget a task that was never really queued (its publish to the broker failed)."""
         pipe = self.client.pipeline(transaction=True)
