@@ -10,9 +10,11 @@ Celery: a Redis outage costs events, never tasks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
@@ -63,11 +65,26 @@ def uninstall() -> None:
     _publisher = None
 
 
+def _never_raises(handler: Callable[..., None]) -> Callable[..., None]:
+    """Celery would log a handler's exception, but a bug of ours must not even do
+    that much to a task: log it as ours and carry on."""
+
+    @functools.wraps(handler)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            handler(*args, **kwargs)
+        except Exception:
+            log.warning("progress-sse: %s failed", handler.__name__, exc_info=True)
+
+    return guarded
+
+
 def _tracked(name: str | None) -> bool:
     # Celery's own housekeeping tasks (chord_unlock, backend_cleanup, ...) are not jobs.
     return bool(name) and not str(name).startswith("celery.")
 
 
+@_never_raises
 def _on_before_publish(
     sender: str | None = None,
     headers: dict[str, Any] | None = None,
@@ -87,6 +104,7 @@ def _on_before_publish(
     publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED))
 
 
+@_never_raises
 def _on_received(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
     # Runs in the worker's parent when a message arrives. Celery keeps revocations
     # only in the memory of workers that heard the broadcast; one revoked while no
@@ -101,6 +119,7 @@ def _on_received(sender: Any = None, request: Any = None, **kwargs: Any) -> None
         worker_state.revoked.add(task_id)  # the pool skips it and reports it revoked
 
 
+@_never_raises
 def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     publisher = _publisher
     name = getattr(task, "name", None)
@@ -111,6 +130,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     publisher.publish_quietly(event, started_at=event["ts"], worker=hostname, pid=os.getpid())
 
 
+@_never_raises
 def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **kwargs: Any) -> None:
     task_id = getattr(request, "id", None)
     name = getattr(sender, "name", None)
@@ -127,6 +147,7 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **kwa
     _finish(task_id, name, State.RETRY, message=message, **extra)
 
 
+@_never_raises
 def _on_success(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
     request = getattr(sender, "request", None)
     task_id = getattr(request, "id", None)
@@ -136,6 +157,7 @@ def _on_success(sender: Any = None, result: Any = None, **kwargs: Any) -> None:
     _finish(task_id, name, State.SUCCESS, result=_result(result))
 
 
+@_never_raises
 def _on_failure(
     sender: Any = None,
     task_id: str | None = None,
@@ -154,6 +176,7 @@ def _on_failure(
     _finish(task_id, name, State.FAILURE, message=error["message"] or error["type"], error=error)
 
 
+@_never_raises
 def _on_revoked(
     sender: Any = None,
     request: Any = None,
