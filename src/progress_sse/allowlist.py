@@ -20,26 +20,32 @@ class ParamError(ValueError):
     """The request's args or kwargs are not what the task accepts."""
 
 
-def integer(minimum: int, maximum: int) -> Checker:
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamError(f"{name} must be a whole number from {minimum} to {maximum}, not {value!r}")
-        if not minimum <= value <= maximum:
-            raise ParamError(f"{name} must be from {minimum} to {maximum}, not {value}")
+@dataclass(frozen=True)
+class Range:
+    """A numeric parameter check that can also describe itself (the page renders
+    its inputs from it)."""
+
+    kind: str  # "integer" or "number"
+    minimum: float
+    maximum: float
+
+    def __call__(self, name: str, value: Any) -> Any:
+        whole = self.kind == "integer"
+        ok_type = isinstance(value, int) if whole else isinstance(value, int | float) and math.isfinite(value)
+        if isinstance(value, bool) or not ok_type:
+            what = "a whole number" if whole else "a number"
+            raise ParamError(f"{name} must be {what} from {self.minimum} to {self.maximum}, not {value!r}")
+        if not self.minimum <= value <= self.maximum:
+            raise ParamError(f"{name} must be from {self.minimum} to {self.maximum}, not {value}")
         return value
 
-    return check
+
+def integer(minimum: int, maximum: int) -> Range:
+    return Range("integer", minimum, maximum)
 
 
-def number(minimum: float, maximum: float) -> Checker:
-    def check(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ParamError(f"{name} must be a number from {minimum} to {maximum}, not {value!r}")
-        if not minimum <= value <= maximum:
-            raise ParamError(f"{name} must be from {minimum} to {maximum}, not {value}")
-        return value
-
-    return check
+def number(minimum: float, maximum: float) -> Range:
+    return Range("number", minimum, maximum)
 
 
 @dataclass(frozen=True)

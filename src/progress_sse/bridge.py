@@ -126,8 +126,11 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     if publisher is None or task_id is None or not _tracked(name):
         return
     event = make_event(task_id, name, State.STARTED)
-    hostname = getattr(getattr(task, "request", None), "hostname", None) or ""
-    publisher.publish_quietly(event, started_at=event["ts"], worker=hostname, pid=os.getpid())
+    request = getattr(task, "request", None)
+    fields: dict[str, Any] = {"worker": getattr(request, "hostname", None) or "", "pid": os.getpid()}
+    if not getattr(request, "retries", 0):  # started_at is the first attempt's
+        fields["started_at"] = event["ts"]
+    publisher.publish_quietly(event, **fields)
 
 
 @_never_raises

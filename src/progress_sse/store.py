@@ -57,7 +57,11 @@ class Store:
         raw = await self.client.hgetall(self.keys.state(task_id))
         return cast(dict[str, str], raw) or None
 
-    async def start(self, task_ids: Sequence[str], cursor: int | None) -> Start:
+    async def start(self, task_ids: Sequence[str], cursor: int | None, fresh: Iterable[str] = ()) -> Start:
+        """What a new stream sends first. Tasks in `fresh` start from their current
+        state even when the stream resumes from a cursor (a client adding a task to
+        a stream it reopens)."""
+        fresh = frozenset(fresh)
         pipe = self.client.pipeline(transaction=True)
         pipe.get(self.keys.seq)
         for task_id in task_ids:
@@ -81,7 +85,7 @@ class Store:
                 tasks.append(TaskStart(task_id, known=False))
                 continue
             snapshot = [Frame(task_id, int(seq), state, latest)]
-            if not resumed:
+            if not resumed or task_id in fresh:
                 frames = snapshot
             else:
                 assert cursor is not None

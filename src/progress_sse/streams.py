@@ -17,7 +17,7 @@ Order of work, and why it is gapless and exactly-once:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
@@ -53,10 +53,12 @@ class EventStream:
         self.store = store
         self.heartbeat = heartbeat
 
-    async def serve(self, request: web.Request, task_ids: Sequence[str], *, single: bool) -> web.StreamResponse:
+    async def serve(
+        self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
+    ) -> web.StreamResponse:
         cursor = parse_cursor(request)
         async with self.hub.watch(task_ids) as watcher:
-            start = await self.store.start(task_ids, cursor)
+            start = await self.store.start(task_ids, cursor, fresh)
             known = [t for t in start.tasks if t.known]
             if single and not known:
                 raise error(web.HTTPNotFound, f"There is no task {task_ids[0]!r} (or its history has expired).")

@@ -20,6 +20,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from . import pages
 from .allowlist import AllowList, ParamError
 from .celeryapp import make_celery
 from .config import Settings
@@ -60,6 +61,7 @@ def create_app(
     app[SETTINGS] = settings
     app[ALLOWLIST] = allowlist
     app[CELERY] = celery or make_celery(settings)
+    pages.setup(app)
     app.cleanup_ctx.append(_redis_ctx)
     app.on_shutdown.append(_end_streams)
     app.add_routes(
@@ -202,6 +204,10 @@ def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]
 
 
 async def task_state(request: web.Request) -> web.Response:
+    if pages.wants_html(request):
+        task_id = request.match_info["task_id"]
+        known = is_task_id(task_id) and await request.app[STORE].task(task_id) is not None
+        return await pages.task_page(request, task_id, known)
     task_id = _task_id(request)
     state = await request.app[STORE].task(task_id)
     if state is None:
@@ -230,7 +236,8 @@ async def many_events(request: web.Request) -> web.StreamResponse:
     bad = [t for t in task_ids if not is_task_id(t)]
     if bad:
         raise error(web.HTTPBadRequest, f"{bad[0]!r} is not a task id.")
-    return await request.app[STREAMS].serve(request, task_ids, single=False)
+    fresh = {t for value in request.query.getall("fresh", []) for t in value.split(",")}
+    return await request.app[STREAMS].serve(request, task_ids, single=False, fresh=fresh & set(task_ids))
 
 
 async def cancel_task(request: web.Request) -> web.Response:

@@ -1,0 +1,400 @@
+// The demo page and the one-task page. Task text reaches the DOM only through
+// textContent; the Content-Security-Policy allows no inline script either way.
+import { applyToProgress, isTaskId, isTerminal, watch } from "./progress.js";
+
+const STORAGE_KEY = "progress-sse:watched";
+const MAX_WATCHED = 100;
+const LABELS = {
+  queued: "queued",
+  started: "started",
+  progress: "running",
+  retry: "retrying",
+  success: "✓ success",
+  failure: "✗ failure",
+  revoked: "⊘ revoked",
+  lost: "? lost",
+  unknown: "unknown",
+};
+const STATUS_TEXT = {
+  connecting: "connecting…",
+  live: "live",
+  reconnecting: "reconnecting…",
+  idle: "idle",
+  closed: "closed",
+};
+
+const app = document.getElementById("app");
+const list = document.getElementById("tasks");
+const template = document.getElementById("bar-template");
+const connection = document.getElementById("connection");
+const announcer = document.getElementById("announcer");
+const single = app.dataset.task || null;
+const cards = new Map(); // task id -> card
+
+const stream = watch([], {
+  onEvent: (event) => show(event),
+  onUnknown: ({ task_id }) => markUnknown(task_id),
+  onStatus: (status) => {
+    connection.dataset.status = status;
+    connection.textContent = STATUS_TEXT[status] ?? status;
+  },
+});
+
+// ---- cards ---------------------------------------------------------------
+
+function addCard(taskId, info = {}) {
+  if (cards.has(taskId)) return cards.get(taskId);
+  const node = template.content.firstElementChild.cloneNode(true);
+  const q = (selector) => node.querySelector(selector);
+  const card = {
+    id: taskId,
+    node,
+    info,
+    state: null,
+    last: null,
+    startedAt: info.started_at ?? null,
+    finishedAt: info.finished_at ?? null,
+    refs: {
+      name: q(".task-name"),
+      id: q(".task-id"),
+      state: q(".task-state"),
+      bar: q(".task-bar"),
+      count: q(".task-count"),
+      percent: q(".task-percent"),
+      elapsed: q(".task-elapsed"),
+      eta: q(".task-eta"),
+      attempt: q(".task-attempt"),
+      message: q(".task-message"),
+      result: q(".task-result"),
+      resultValue: q(".task-result-value"),
+      error: q(".task-error"),
+      errorType: q(".task-error-type"),
+      errorMessage: q(".task-error-message"),
+      traceback: q(".task-traceback"),
+      notice: q(".task-notice"),
+      cancel: q(".task-cancel"),
+      link: q(".task-link"),
+      remove: q(".task-remove"),
+    },
+  };
+  const nameId = `task-name-${cards.size}-${Date.now()}`;
+  card.refs.name.id = nameId;
+  card.refs.bar.setAttribute("aria-labelledby", nameId);
+  card.refs.name.textContent = info.name ?? "task";
+  card.refs.id.textContent = taskId;
+  card.refs.state.textContent = "…";
+  card.refs.link.href = `/tasks/${encodeURIComponent(taskId)}`;
+  card.refs.cancel.addEventListener("click", () => cancel(card));
+  if (single) {
+    card.refs.remove.hidden = true;
+  } else {
+    card.refs.remove.addEventListener("click", () => removeCard(card));
+  }
+  cards.set(taskId, card);
+  list.prepend(node); // newest first
+  updateEmpty();
+  if (info.state) show(info); // the state we already have, until the stream speaks
+  return card;
+}
+
+function show(event) {
+  const card = cards.get(event.task_id);
+  if (!card) return;
+  const { refs } = card;
+  const changed = event.state !== card.state;
+  card.state = event.state;
+  card.last = event;
+  card.node.dataset.state = event.state;
+  if (event.name) refs.name.textContent = event.name;
+  refs.state.textContent = LABELS[event.state] ?? event.state;
+  applyToProgress(refs.bar, event);
+
+  refs.count.textContent =
+    event.total != null ? `${fmt(event.current)} of ${fmt(event.total)}` : event.current ? `${fmt(event.current)} done` : "";
+  refs.percent.textContent = event.percent != null ? `${event.percent}%` : "";
+  // A failure's message is its error's, shown below with the type.
+  refs.message.textContent = event.state === "failure" && event.error ? "" : (event.message ?? "");
+  if (event.state === "started") card.startedAt ??= event.ts; // elapsed counts from the first attempt
+  if (event.state === "retry") {
+    card.retries = event.retries;
+    const at = event.eta ? `, next attempt at ${new Date(event.eta * 1000).toLocaleTimeString()}` : "";
+    refs.attempt.textContent = `retry ${event.retries}${at}`;
+  } else if (card.retries) {
+    refs.attempt.textContent = `attempt ${card.retries + 1}`;
+  }
+  if (isTerminal(event.state)) {
+    card.finishedAt = event.finished_at ?? event.ts;
+    refs.cancel.hidden = true;
+    refs.eta.textContent = "";
+  }
+  if (event.state === "success" && "result" in event) {
+    refs.result.hidden = false;
+    refs.resultValue.textContent = JSON.stringify(event.result);
+  }
+  if (event.state === "failure" && event.error) {
+    refs.error.hidden = false;
+    refs.errorType.textContent = event.error.type;
+    refs.errorMessage.textContent = event.error.message;
+    refs.traceback.textContent = event.error.traceback;
+  }
+  tick(card);
+  if (changed && isTerminal(event.state)) refreshRecentSoon();
+  if (changed) announce(`${refs.name.textContent} ${card.id.slice(0, 8)}: ${event.state}`);
+}
+
+function markUnknown(taskId) {
+  const card = cards.get(taskId);
+  if (!card) return;
+  card.state = "unknown";
+  card.node.dataset.state = "unknown";
+  card.refs.state.textContent = LABELS.unknown;
+  card.refs.cancel.hidden = true;
+  card.refs.bar.value = 0;
+  notice(card, "The server does not know this task (its history may have expired).");
+}
+
+function removeCard(card) {
+  cards.delete(card.id);
+  card.node.remove();
+  stream.remove(card.id);
+  saveWatched();
+  updateEmpty();
+}
+
+async function cancel(card) {
+  card.refs.cancel.disabled = true;
+  try {
+    const response = await fetch(`/tasks/${encodeURIComponent(card.id)}`, { method: "DELETE" });
+    if (!response.ok) notice(card, (await errorOf(response)) ?? `Cancel failed (${response.status}).`);
+  } catch {
+    notice(card, "Could not reach the server to cancel; try again.");
+  } finally {
+    card.refs.cancel.disabled = false;
+  }
+}
+
+function notice(card, text) {
+  card.refs.notice.hidden = false;
+  card.refs.notice.textContent = text;
+}
+
+// Elapsed time and, for determinate work, an estimate of what is left.
+function tick(card) {
+  const { refs, last } = card;
+  if (card.startedAt == null) {
+    refs.elapsed.textContent = "";
+    return;
+  }
+  const end = card.finishedAt ?? Date.now() / 1000;
+  const elapsed = Math.max(0, end - card.startedAt);
+  refs.elapsed.textContent = `${duration(elapsed)} elapsed`;
+  if (!isTerminal(card.state) && last?.total != null && last.current > 0 && last.current < last.total) {
+    const left = (elapsed / last.current) * (last.total - last.current);
+    refs.eta.textContent = `about ${duration(left)} left`;
+  } else {
+    refs.eta.textContent = "";
+  }
+}
+
+setInterval(() => {
+  for (const card of cards.values()) if (!isTerminal(card.state)) tick(card);
+}, 1000);
+
+function announce(text) {
+  announcer.textContent = text;
+}
+
+function updateEmpty() {
+  const empty = document.getElementById("empty");
+  if (empty) empty.hidden = cards.size > 0;
+}
+
+function fmt(n) {
+  return typeof n === "number" ? n.toLocaleString() : String(n ?? "");
+}
+
+function duration(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)} s`;
+  const m = Math.floor(seconds / 60);
+  const s = Math.round(seconds % 60);
+  return m < 60 ? `${m} min ${s} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+
+// ---- watching --------------------------------------------------------------
+
+async function describe(taskId) {
+  const response = await fetch(`/tasks/${encodeURIComponent(taskId)}`, { headers: { Accept: "application/json" } });
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error((await errorOf(response)) ?? `The server answered ${response.status}.`);
+  return response.json();
+}
+
+function follow(taskId, info = {}) {
+  addCard(taskId, info);
+  stream.add(taskId, info.state ? info : null);
+  saveWatched();
+}
+
+function loadWatched() {
+  try {
+    const ids = JSON.parse(localStorage.getItem(STORAGE_KEY) ?? "[]");
+    return Array.isArray(ids) ? ids.filter(isTaskId) : [];
+  } catch {
+    return [];
+  }
+}
+
+function saveWatched() {
+  if (single) return;
+  const ids = [...cards.keys()].slice(-MAX_WATCHED); // insertion order: oldest first
+  localStorage.setItem(STORAGE_KEY, JSON.stringify(ids));
+}
+
+async function errorOf(response) {
+  try {
+    return (await response.json()).error ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function showError(element, text) {
+  element.hidden = !text;
+  element.textContent = text ?? "";
+}
+
+// ---- the demo page ---------------------------------------------------------
+
+function valuesOf(form) {
+  const kwargs = {};
+  for (const input of form.querySelectorAll("input[name]")) {
+    const kind = input.dataset.kind;
+    if (kind === "json") {
+      kwargs[input.name] = JSON.parse(input.value);
+    } else {
+      kwargs[input.name] = input.valueAsNumber;
+    }
+  }
+  return kwargs;
+}
+
+async function start(form) {
+  const errorBox = document.getElementById("start-error");
+  showError(errorBox, null);
+  let kwargs;
+  try {
+    kwargs = valuesOf(form);
+  } catch {
+    showError(errorBox, "One of the values is not valid JSON.");
+    return;
+  }
+  const name = form.dataset.taskName;
+  try {
+    const response = await fetch("/tasks", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ name, kwargs }),
+    });
+    if (response.status !== 202) {
+      showError(errorBox, (await errorOf(response)) ?? `The server answered ${response.status}.`);
+      return;
+    }
+    const body = await response.json();
+    follow(body.id, { task_id: body.id, name, state: "queued" });
+    loadRecent();
+  } catch {
+    showError(errorBox, "Could not reach the server; try again.");
+  }
+}
+
+async function observe(form) {
+  const errorBox = document.getElementById("observe-error");
+  const input = form.querySelector("input");
+  const taskId = input.value.trim();
+  showError(errorBox, null);
+  if (!isTaskId(taskId)) {
+    showError(errorBox, "That is not a task id: ids are letters, digits and - _ . : @ + =, like a UUID.");
+    return;
+  }
+  try {
+    const info = await describe(taskId);
+    if (info === null) {
+      showError(errorBox, `There is no task ${taskId}, or its history has expired.`);
+      return;
+    }
+    follow(taskId, info);
+    input.value = "";
+  } catch (error) {
+    showError(errorBox, error.message);
+  }
+}
+
+let recentTimer = null;
+function refreshRecentSoon() {
+  clearTimeout(recentTimer);
+  recentTimer = setTimeout(loadRecent, 300);
+}
+
+async function loadRecent() {
+  const box = document.getElementById("recent");
+  if (!box) return;
+  try {
+    const response = await fetch("/tasks?limit=20", { headers: { Accept: "application/json" } });
+    if (!response.ok) return;
+    const { tasks } = await response.json();
+    box.replaceChildren(
+      ...tasks.map((task) => {
+        const item = document.createElement("li");
+        const name = document.createElement("span");
+        name.textContent = task.name ?? "task";
+        const id = document.createElement("code");
+        id.textContent = task.task_id;
+        const state = document.createElement("span");
+        state.className = "badge";
+        state.dataset.state = task.state;
+        state.textContent = LABELS[task.state] ?? task.state;
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "secondary";
+        button.textContent = "Watch";
+        button.addEventListener("click", async () => {
+          const info = await describe(task.task_id);
+          if (info) follow(task.task_id, info);
+        });
+        item.append(name, " ", id, " ", state, " ", button);
+        return item;
+      }),
+    );
+  } catch {
+    // the list is a convenience; the page works without it
+  }
+}
+
+async function restore(ids) {
+  const infos = await Promise.all(ids.map((id) => describe(id).catch(() => null)));
+  ids.forEach((id, i) => {
+    if (infos[i]) follow(id, infos[i]);
+  });
+  saveWatched();
+}
+
+if (single) {
+  if (list) {
+    describe(single).then((info) => {
+      if (info) follow(single, info);
+    });
+  }
+} else {
+  for (const form of document.querySelectorAll(".start-form")) {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      start(form);
+    });
+  }
+  document.getElementById("observe-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    observe(event.target);
+  });
+  restore(loadWatched());
+  loadRecent();
+}

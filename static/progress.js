@@ -1,0 +1,244 @@
+// progress-sse client: live task progress over one EventSource, no dependencies.
+//
+//   import { watch, bindProgress } from "/static/<version>/progress.js";
+//   const w = watch([taskId], { onProgress: (e) => …, onSuccess: (e) => … });
+//   w.add(otherId);  // same connection, nothing lost for the others
+//   bindProgress(document.querySelector("progress"), taskId);
+//
+// Every callback receives the event object of the protocol (task_id, name, state,
+// current, total, percent, message, ts, …), never a DOM node.
+
+export const TERMINAL_STATES = Object.freeze(["success", "failure", "revoked", "lost"]);
+const STATES = ["queued", "started", "progress", "retry", ...TERMINAL_STATES];
+const HANDLER_FOR = {
+  queued: "onQueued",
+  started: "onStarted",
+  progress: "onProgress",
+  retry: "onRetry",
+  success: "onSuccess",
+  failure: "onFailure",
+  revoked: "onRevoked",
+  lost: "onLost",
+};
+// The server's rule for task ids (src/progress_sse/keys.py).
+const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}$/;
+const MAX_TASKS_PER_STREAM = 100;
+
+export function isTerminal(state) {
+  return TERMINAL_STATES.includes(state);
+}
+
+export function isTaskId(value) {
+  return typeof value === "string" && TASK_ID.test(value);
+}
+
+/** Watch tasks on one EventSource. See `Watch` for the handlers and options. */
+export function watch(taskIds = [], handlers = {}, options = {}) {
+  return new Watch(taskIds, handlers, options);
+}
+
+/**
+ * Drive a `<progress>` element from one task: indeterminate (no `value`) while the
+ * total is unknown, `value`/`max` while it is known, full on success.
+ * `options` are those of `watch`, plus its handlers (`onEvent`, `onSuccess`, …).
+ */
+export function bindProgress(element, taskId, options = {}) {
+  const onEvent = options.onEvent;
+  return watch([taskId], {
+    ...options,
+    onEvent: (event) => {
+      applyToProgress(element, event);
+      onEvent?.(event);
+    },
+  }, options);
+}
+
+/** Show an event on a `<progress>` element. */
+export function applyToProgress(element, event) {
+  const total = event.total;
+  if (event.state === "success") {
+    const max = total != null && total > 0 ? total : 1;
+    element.max = max;
+    element.value = max;
+  } else if (total == null) {
+    if (isTerminal(event.state)) {
+      element.value = 0; // a stopped bar must not keep animating
+    } else {
+      element.removeAttribute("value"); // the browser animates an indeterminate bar
+    }
+  } else {
+    const max = total > 0 ? total : 1;
+    element.max = max;
+    element.value = Math.min(Math.max(event.current ?? 0, 0), max);
+  }
+}
+
+/**
+ * Handlers (all optional): onEvent(event) for every event, then onQueued,
+ * onStarted, onProgress, onRetry, onSuccess, onFailure, onRevoked, onLost by
+ * state; onUnknown({task_id}) for an id the server does not know;
+ * onStatus(status) with "connecting", "live", "reconnecting", "idle" or "closed";
+ * onDone() once every task has ended.
+ *
+ * Options: base (URL prefix of the API, default ""), withCredentials,
+ * initialBackoff / maxBackoff (ms, default 1000 / 30000) for reconnecting after
+ * an error response, which ends an EventSource for good.
+ */
+export class Watch {
+  constructor(taskIds = [], handlers = {}, options = {}) {
+    this.handlers = handlers;
+    this.base = options.base ?? "";
+    this.withCredentials = options.withCredentials ?? false;
+    this.initialBackoff = options.initialBackoff ?? 1000;
+    this.maxBackoff = options.maxBackoff ?? 30000;
+    this.backoff = this.initialBackoff;
+    this.tasks = new Map(); // id -> { state, lastId }
+    this.cursor = null; // the highest event id seen: one cursor covers every task
+    this.source = null;
+    this.timer = null;
+    this.closed = false;
+    this.status = "idle";
+    for (const id of taskIds) this._track(id);
+    this._schedule(0);
+  }
+
+  /**
+   * Watch one more task on the same connection. `seed` ({state, cursor}, e.g. the
+   * body of GET /tasks/<id>) skips what is already known; a terminal seed is not
+   * streamed at all.
+   */
+  add(taskId, seed = null) {
+    if (!isTaskId(taskId)) throw new TypeError(`not a task id: ${taskId}`);
+    if (this.tasks.has(taskId)) return;
+    this._track(taskId, seed);
+    this._schedule();
+  }
+
+  /** Stop watching one task. */
+  remove(taskId) {
+    if (this.tasks.delete(taskId)) this._schedule();
+  }
+
+  /** Stop for good. */
+  close() {
+    this.closed = true;
+    clearTimeout(this.timer);
+    this.source?.close();
+    this.source = null;
+    this._setStatus("closed");
+  }
+
+  /** The ids still streaming (not terminal, not unknown). */
+  pending() {
+    return [...this.tasks].filter(([, task]) => !isDone(task.state)).map(([id]) => id);
+  }
+
+  _track(taskId, seed = null) {
+    const lastId = seed?.cursor != null ? Number(seed.cursor) : null;
+    this.tasks.set(taskId, { state: seed?.state ?? null, lastId });
+  }
+
+  // Adds and removes made together reopen the stream once.
+  _schedule(delay = 20) {
+    if (this.closed) return;
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this._open(), delay);
+  }
+
+  _open() {
+    this.source?.close();
+    this.source = null;
+    const ids = this.pending().slice(0, MAX_TASKS_PER_STREAM);
+    if (ids.length === 0) {
+      this._setStatus("idle");
+      return;
+    }
+    const params = new URLSearchParams();
+    for (const id of ids) params.append("task", id);
+    if (this.cursor != null) {
+      // Reopening: every event after the cursor, and the current state of the
+      // tasks the cursor does not cover yet (added since, or seeded older).
+      params.set("last_event_id", String(this.cursor));
+      for (const id of ids) {
+        const lastId = this.tasks.get(id).lastId;
+        if (lastId == null || lastId < this.cursor) params.append("fresh", id);
+      }
+    }
+    const source = new EventSource(`${this.base}/events?${params}`, { withCredentials: this.withCredentials });
+    this.source = source;
+    this._setStatus("connecting");
+    source.onopen = () => {
+      this.backoff = this.initialBackoff;
+      this._setStatus("live");
+    };
+    source.onerror = () => {
+      if (source !== this.source || this.closed) return;
+      if (source.readyState === EventSource.CLOSED) {
+        // An error response (a 503 during a deploy, say) ends an EventSource for
+        // good: come back by ourselves, later each time, with the cursor.
+        this._retry();
+      } else {
+        this._setStatus("reconnecting"); // the browser reconnects with Last-Event-ID
+      }
+    };
+    for (const state of [...STATES, "unknown"]) {
+      source.addEventListener(state, (message) => {
+        if (source === this.source) this._receive(message);
+      });
+    }
+  }
+
+  _retry() {
+    this.source?.close();
+    this.source = null;
+    this._setStatus("reconnecting");
+    const delay = this.backoff * (0.8 + Math.random() * 0.4);
+    this.backoff = Math.min(this.backoff * 2, this.maxBackoff);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this._open(), delay);
+  }
+
+  _receive(message) {
+    const event = JSON.parse(message.data);
+    const task = this.tasks.get(event.task_id);
+    if (!task) return;
+    if (message.type === "unknown") {
+      task.state = "unknown";
+      this._call("onUnknown", event);
+    } else {
+      const id = Number(message.lastEventId);
+      this.cursor = this.cursor == null ? id : Math.max(this.cursor, id);
+      if (task.lastId != null && id <= task.lastId) return; // seen already
+      task.lastId = id;
+      task.state = event.state;
+      this._call("onEvent", event);
+      this._call(HANDLER_FOR[event.state], event);
+    }
+    if (this.pending().length === 0) {
+      this.source?.close();
+      this.source = null;
+      this._setStatus("idle");
+      this._call("onDone");
+    }
+  }
+
+  _call(name, ...args) {
+    const handler = this.handlers[name];
+    if (typeof handler !== "function") return;
+    try {
+      handler(...args);
+    } catch (error) {
+      console.error(`progress-sse: ${name} handler failed`, error); // one bad handler must not stop the stream
+    }
+  }
+
+  _setStatus(status) {
+    if (status === this.status) return;
+    this.status = status;
+    this._call("onStatus", status);
+  }
+}
+
+function isDone(state) {
+  return state === "unknown" || isTerminal(state);
+}
