@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,7 +10,9 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
+from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
+from progress_sse.publisher import Publisher, sync_client
 
 from .conftest import Server
 
@@ -69,6 +72,14 @@ BAD_STARTS = [
     ("application/json", b'{"name": "demo.count", "args": [1, 2, 3]}', 422, "at most 2 positional"),
     ("application/json", b'{"name": "demo.mystery", "kwargs": {"min_s": 5, "max_s": 1}}', 422, "min_s (5) must not"),
     ("application/json", b'{"name": "demo.fail", "kwargs": {"delay": true}}', 422, "delay must be a number"),
+    ("application/json", b"[" * 60_000, 400, "nests JSON too deeply"),
+    (
+        "application/json",
+        b'{"name": "demo.count", "kwargs": {"delay": 1' + b"0" * 400 + b"}}",
+        422,
+        "delay must be from",
+    ),
+    ("application/json", b'{"name": "demo.count", "kwargs": {"n": 1' + b"0" * 5000 + b"}}", 400, "not valid JSON"),
 ]
 
 
@@ -107,6 +118,35 @@ async def test_oversized_body_is_refused_with_413(idle: Server, settings: Settin
     assert queued_count(redis_client, settings) == before
 
 
+async def test_body_that_is_not_the_encoding_it_claims_gets_400(
+    idle: Server, settings: Settings, redis_client: redis.Redis
+) -> None:
+    before = queued_count(redis_client, settings)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    async with idle.session.post(idle.url("/tasks"), data=b'{"name": "demo.count"}', headers=headers) as resp:
+        assert resp.status == 400
+        assert "could not be read" in (await resp.json())["error"]
+    assert queued_count(redis_client, settings) == before
+
+
+async def test_cancel_without_a_broker_still_cancels_waiting_tasks_and_says_so_for_running_ones(
+    make_server: Any, settings: Settings
+) -> None:
+    server: Server = await make_server(settings.with_(broker_url="redis://127.0.0.1:1/0"))
+    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    waiting, running = str(uuid.uuid4()), str(uuid.uuid4())
+    publisher.publish(make_event(waiting, "demo.count", State.QUEUED))
+    publisher.publish(make_event(running, "demo.count", State.STARTED))
+    publisher.client.close()
+    async with server.session.delete(server.url(f"/tasks/{waiting}")) as resp:
+        assert resp.status == 202
+        assert (await resp.json())["state"] == "revoked"  # workers honour it when they get the message
+    async with server.session.delete(server.url(f"/tasks/{running}")) as resp:
+        assert resp.status == 503
+        assert "cannot be stopped" in (await resp.json())["error"]
+    assert (await server.state(running))["state"] == "started"
+
+
 async def test_unreachable_broker_gets_503_and_leaves_nothing_behind(
     make_server: Any, settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -133,6 +173,7 @@ async def test_unreachable_broker_gets_503_and_leaves_nothing_behind(
         ("GET", "/tasks?limit=501", 400, "limit must be"),
         ("GET", "/tasks?limit=ten", 400, "limit must be"),
         ("GET", "/tasks?limit=1.5", 400, "limit must be"),
+        ("GET", "/tasks?limit=" + "9" * 5000, 400, "limit must be"),
         ("PUT", "/tasks", 405, "PUT is not allowed"),
         ("GET", "/nowhere", 404, "There is no /nowhere"),
     ],

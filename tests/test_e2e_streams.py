@@ -4,13 +4,17 @@ a killed subscriber connection, heartbeats and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import uuid
 from typing import Any
 
 import pytest
 import redis
 
 from progress_sse.config import Settings
+from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
+from progress_sse.publisher import Publisher, sync_client
 from progress_sse.web import HUB
 
 from .conftest import Server, wait_until
@@ -216,3 +220,54 @@ async def test_shutdown_ends_open_streams_promptly(make_server: Any, settings: S
         rest = await reader.rest(timeout=10)
         await asyncio.wait_for(closing, 10)
     assert not any(e.terminal for e in rest)
+
+
+async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load(
+    make_server: Any, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Events keep coming while the hub's connection is killed again and again: the
+    stream must still carry every stored event once. (A frame published right after
+    a reconnect used to overtake the resync and skip what was missed.)"""
+    prefix = f"{settings.key_prefix}-kills"
+    server: Server = await make_server(settings.with_(key_prefix=prefix))
+    keys = Keys(prefix)
+    publisher = Publisher(sync_client(settings.redis_url), keys)
+    task_id = str(uuid.uuid4())
+    publisher.publish(make_event(task_id, "load", State.QUEUED))
+    stop = threading.Event()
+
+    def pump() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+            publisher.publish(make_event(task_id, "load", State.PROGRESS, current=count))
+            stop.wait(0.0005)
+
+    got = []
+    async with server.session.get(server.url(f"/tasks/{task_id}/events")) as resp:
+        reader = SSEReader(resp)
+        got.append(await reader.next_event())
+        thread = threading.Thread(target=pump)
+        thread.start()
+        try:
+            for _ in range(5):
+                got += await reader.until(lambda e: True)
+                mine = [
+                    c for c in redis_client.client_list(_type="pubsub") if c["name"] == f"progress-sse-hub.{prefix}"
+                ]
+                redis_client.client_kill_filter(_id=mine[0]["id"])
+                first = int(str(got[-1].id))
+                got += await reader.until(lambda e, first=first: int(str(e.id)) > first + 300)
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+        publisher.publish(make_event(task_id, "load", State.SUCCESS))
+        got += await reader.rest()
+    publisher.client.close()
+
+    assert server.app[HUB].connections >= 6
+    ids = [int(str(e.id)) for e in got if e is not None]
+    stored = [int(entry_id.split("-")[0]) for entry_id, _ in redis_client.xrange(keys.log(task_id))]
+    assert ids == [s for s in stored if s >= ids[0]], "every stored event after the first, once, in order"
+    for key in redis_client.scan_iter(match=f"{prefix}:*"):
+        redis_client.delete(key)

@@ -478,3 +478,30 @@ async def test_reconnect_backoff_starts_over_after_a_successful_connection(
             await wait_until(lambda n=drop: h.hub.connections == n + 1, WAIT, f"reconnect #{drop}")
     # Each drop came after a healthy connection, so each should wait the first step only.
     assert spy.sleeps == [0.05, 0.05, 0.05]
+
+
+async def test_a_malformed_message_is_dropped_and_the_hub_keeps_serving(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher, redis_client: redis.Redis
+) -> None:
+    h = await make_hub()
+    task_id = new_task()
+    async with h.hub.watch([task_id]) as watcher:
+        redis_client.publish(publisher.keys.channel(task_id), "hello from redis-cli")
+        sent = publish(publisher, task_id, "queued")
+        await expect_frame(watcher, sent)
+    assert h.hub.running
+
+
+async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> None:
+    """While the subscription is restored a watcher holds live frames, then gets
+    RESYNC (read the log) before them: a frame may not overtake what was missed."""
+    watcher = Watcher(["t"], limit=10)
+    watcher.hold()
+    late = Frame("t", 91, "progress", "{}")
+    watcher.deliver(late)
+    assert await watcher.next(0) is None, "held, not delivered"
+    watcher.resume()
+    assert await watcher.next(0) is Signal.RESYNC
+    assert await watcher.next(0) == late
+    watcher.resume()  # not held any more: nothing happens
+    assert await watcher.next(0) is None

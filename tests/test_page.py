@@ -307,4 +307,4 @@ async def test_page_survives_a_forced_server_restart_mid_task(server: Server, pa
     assert values == sorted(values) and values[-1] == 50
     assert await page.page.locator(".connection").text_content() == "idle"
     # A killed server makes Chromium log the failed stream requests; they are expected here.
-    page.forgive("ERR_CONNECTION_REFUSED", "ERR_INCOMPLETE_CHUNKED_ENCODING", "/events")
+    page.forgive("net::ERR_")  # every request cut or refused by the kill

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
-from progress_sse.events import TERMINAL_STATES, make_event
+from progress_sse.events import TERMINAL_STATES, dumps, make_event
 from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
 
@@ -286,3 +286,24 @@ def test_latest_returns_the_last_stored_payload(publisher: Publisher) -> None:
     publisher.publish(refused)
     latest = publisher.latest(task_id)
     assert latest is not None and latest["state"] == "success"
+
+
+def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_client: redis.Redis) -> None:
+    """redis-py resends a command whose reply was lost; the same event id is a no-op."""
+    task_id = new_task()
+    publisher.publish(event(task_id, "queued"))
+    payload = event(task_id, "started")
+    args = [keys.channel(task_id), task_id, "started", dumps(payload), 60, 100, payload["ts"], "same-event-id"]
+    script_keys = [keys.state(task_id), keys.log(task_id), keys.seq, keys.recent]
+    first = publisher._append(keys=script_keys, args=args)
+    again = publisher._append(keys=script_keys, args=args)
+    assert first == again
+    assert [f["s"] for _, f in redis_client.xrange(keys.log(task_id))] == ["queued", "started"]
+
+
+def test_text_that_is_not_valid_unicode_is_still_stored(publisher: Publisher) -> None:
+    name = "caf\udce9.csv"  # os.fsdecode(b"caf\\xe9.csv"): a lone surrogate
+    task_id = new_task()
+    publisher.publish(event(task_id, "started"))
+    assert publisher.publish(event(task_id, "failure", message=f"cannot import {name}")) is not None
+    assert publisher.latest(task_id)["message"] == f"cannot import {name}"

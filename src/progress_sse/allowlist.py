@@ -31,7 +31,10 @@ class Range:
 
     def __call__(self, name: str, value: Any) -> Any:
         whole = self.kind == "integer"
-        ok_type = isinstance(value, int) if whole else isinstance(value, int | float) and math.isfinite(value)
+        if whole:
+            ok_type = isinstance(value, int)
+        else:  # math.isfinite would overflow on a huge int: only floats can be inf/nan
+            ok_type = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
         if isinstance(value, bool) or not ok_type:
             what = "a whole number" if whole else "a number"
             raise ParamError(f"{name} must be {what} from {self.minimum} to {self.maximum}, not {value!r}")

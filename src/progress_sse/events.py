@@ -72,8 +72,16 @@ def make_event(
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON, UTF-8 as is; NaN and infinities are refused rather than sent invalid."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON, UTF-8 as is; NaN and infinities are refused rather than sent invalid.
+
+    Text with lone surrogates (a file name decoded with `os.fsdecode`, say) cannot be
+    UTF-8: it is escaped instead, still valid JSON, so such an event is never lost."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return text
 
 
 def json_safe(value: Any) -> Any:

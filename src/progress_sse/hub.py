@@ -50,8 +50,30 @@ class Watcher:
         self.closed = False
         self._limit = limit
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._held: list[Frame] | None = None  # a list while the subscription is being restored
+
+    def hold(self) -> None:
+        """The subscription dropped: keep live frames aside until `resume`. Otherwise a
+        frame published after the reconnect could move the stream past the events
+        published while it was down, before it has read them from the log."""
+        if self._held is None:
+            self._held = []
+
+    def resume(self) -> None:
+        """Subscribed again: read the log first (RESYNC), then the frames held meanwhile."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        self.deliver(Signal.RESYNC)
+        for frame in held:
+            self.deliver(frame)
 
     def deliver(self, item: Item) -> None:
+        if self._held is not None and isinstance(item, Frame):
+            if len(self._held) >= self._limit:
+                self._held.clear()  # the RESYNC that `resume` queues reads them from the log
+            self._held.append(item)
+            return
         if self._queue.qsize() >= self._limit:
             # Too far behind: drop the backlog and read it back from the log later.
             while not self._queue.empty():
@@ -121,10 +143,20 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self._pubsub: Any = None
+        self._resync: asyncio.Task[None] | None = None
         self.connections = 0  # how many times the subscriber connected (tests read it)
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="progress-sse hub")
+        self._runner.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("progress-sse hub stopped", exc_info=task.exception())
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._runner.done()
 
     async def close(self) -> None:
         self._closing = True
@@ -145,10 +177,11 @@ class Hub:
                     await task
         self._runner = None
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     def close_watchers(self) -> None:
         """End every open stream (on shutdown); clients resume elsewhere with their cursor."""
@@ -212,7 +245,7 @@ class Hub:
                 syncer = asyncio.create_task(self._sync(pubsub))
                 self._dirty.set()
                 if not first:
-                    self._spawn(self._resync_all())
+                    self._resync = self._spawn(self._resync_all())
                 first = False
                 await self._read(pubsub)
             except (RedisError, OSError) as exc:
@@ -226,6 +259,10 @@ class Hub:
                     syncer.cancel()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            if self._resync is not None:
+                self._resync.cancel()  # it belonged to the connection that just dropped
+            for watcher in self._watchers:
+                watcher.hold()
             # New watchers must wait for the next connection's confirmation.
             for channel in self._channels.values():
                 if channel.ready.done():
@@ -254,8 +291,13 @@ class Hub:
         channel = self._channels.get(name)
         if channel is None:
             return  # unsubscribed meanwhile
-        seq, state, payload = data.split("\n", 2)
-        frame = Frame(self._keys.task_of_channel(name), int(seq), state, payload)
+        try:
+            seq, state, payload = data.split("\n", 2)
+            frame = Frame(self._keys.task_of_channel(name), int(seq), state, payload)
+        except ValueError:
+            # Not ours (someone PUBLISHed by hand): drop it, never let it stop the hub.
+            log.warning("progress-sse ignored a malformed message on %s: %.80r", name, data)
+            return
         for watcher in channel.watchers:
             watcher.deliver(frame)
 
@@ -298,16 +340,13 @@ class Hub:
 
     async def _resync_all(self) -> None:
         """After a reconnect: once every channel is confirmed again, each watcher reads
-        what it missed from the log."""
-        try:
-            async with asyncio.timeout(self._subscribe_timeout):
-                for channel in list(self._channels.values()):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.shield(channel.ready)
-        except TimeoutError:
-            return  # the connection dropped again; the next one resyncs
+        what it missed from the log, then gets what was held meanwhile. If some channel
+        is still unconfirmed after the timeout, resume anyway: a silent stream is worse."""
+        waiting = [channel.ready for channel in self._channels.values()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=self._subscribe_timeout)
         for watcher in list(self._watchers):
-            watcher.deliver(Signal.RESYNC)
+            watcher.resume()
 
 
 def _cancelling() -> bool:

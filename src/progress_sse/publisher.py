@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,8 +26,11 @@ from .keys import Keys
 log = logging.getLogger(__name__)
 
 _APPEND = """
-local prev = redis.call('HGET', KEYS[1], 'state')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq')
+local prev = cur[1]
 if prev then
+  -- The same call again (redis-py retried after a reply was lost): already stored.
+  if cur[2] == ARGV[8] then return tonumber(cur[3]) end
   if prev == 'success' or prev == 'failure' or prev == 'revoked' or prev == 'lost' then
     return 0
   end
@@ -36,8 +40,8 @@ end
 local ttl = tonumber(ARGV[5])
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'latest', ARGV[4])
-if #ARGV > 7 then redis.call('HSET', KEYS[1], unpack(ARGV, 8)) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'latest', ARGV[4], 'eid', ARGV[8])
+if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
 redis.call('HINCRBY', KEYS[1], 'events', 1)
 if not prev then
   redis.call('HSET', KEYS[1], 'created_at', ARGV[7])
@@ -119,6 +123,7 @@ class Publisher:
                 self.history_ttl,
                 self.history_max,
                 event["ts"],
+                uuid.uuid4().hex,  # makes a retried call idempotent
                 *pairs,
             ],
         )

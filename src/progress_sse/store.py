@@ -85,8 +85,12 @@ class Store:
                 tasks.append(TaskStart(task_id, known=False))
                 continue
             snapshot = [Frame(task_id, int(seq), state, latest)]
-            if not resumed or task_id in fresh:
+            if not resumed:
                 frames = snapshot
+            elif task_id in fresh:
+                # Its state as of `upto`, sent with that id: a cursor must never go
+                # backwards, or a reconnect would repeat other tasks' events.
+                frames = [Frame(task_id, upto, state, latest)]
             else:
                 assert cursor is not None
                 trimmed = int(events or 0) > length

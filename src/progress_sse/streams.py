@@ -17,6 +17,7 @@ Order of work, and why it is gapless and exactly-once:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 
 from aiohttp import web
@@ -77,10 +78,14 @@ class EventStream:
                 await response.write(frame.encoded)
 
             position = start.upto
+            clock = asyncio.get_running_loop().time
+            last_write = clock()
             while waiting and not watcher.closed:
-                first = await watcher.next(self.heartbeat)
+                # Items the stream drops (duplicates) must not postpone the ping.
+                first = await watcher.next(max(0.0, last_write + self.heartbeat - clock()))
                 if first is None:
                     await response.write(PING)
+                    last_write = clock()
                     continue
                 # Everything already waiting goes out in one write: a client that
                 # fell behind catches up without a send per frame.
@@ -100,5 +105,6 @@ class EventStream:
                             waiting.discard(frame.task_id)
                 if out:
                     await response.write(b"".join(out))
+                    last_write = clock()
             await response.write_eof()
             return response

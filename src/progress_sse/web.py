@@ -16,6 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from celery import Celery
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -144,6 +146,8 @@ async def start_task(request: web.Request) -> web.Response:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(web.HTTPBadRequest, f"The body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise error(web.HTTPBadRequest, "The body nests JSON too deeply.") from None
     if not isinstance(data, dict):
         raise error(
             web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.'
@@ -175,10 +179,15 @@ async def _read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise error(web.HTTPRequestEntityTooLarge, too_big, max_size=MAX_BODY, actual_size=request.content_length)
     body = bytearray()
-    async for chunk in request.content.iter_chunked(16 * 1024):
-        body += chunk
-        if len(body) > MAX_BODY:  # chunked uploads have no Content-Length to check first
-            raise error(web.HTTPRequestEntityTooLarge, too_big, max_size=MAX_BODY, actual_size=len(body))
+    try:
+        async for chunk in request.content.iter_chunked(16 * 1024):
+            body += chunk
+            if len(body) > MAX_BODY:  # chunked uploads have no Content-Length to check first
+                raise error(web.HTTPRequestEntityTooLarge, too_big, max_size=MAX_BODY, actual_size=len(body))
+    except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. Content-Encoding: gzip on a body that is not
+        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+        detail = getattr(cause, "message", "") or "it is malformed"
+        raise error(web.HTTPBadRequest, f"The body could not be read: {detail}.") from None
     return bytes(body)
 
 
@@ -242,7 +251,12 @@ async def many_events(request: web.Request) -> web.StreamResponse:
 
 async def cancel_task(request: web.Request) -> web.Response:
     task_id = _task_id(request)
-    app = request.app
+    # Shielded: a client that hangs up must not leave the revocation half done.
+    final = await asyncio.shield(_cancel(request.app, task_id))
+    return _json({"id": task_id, "state": final}, status=202)
+
+
+async def _cancel(app: web.Application, task_id: str) -> str:
     async with app[HUB].watch([task_id]) as watcher:
         state = await app[STORE].task(task_id)
         if state is None:
@@ -251,16 +265,29 @@ async def cancel_task(request: web.Request) -> web.Response:
             raise error(
                 web.HTTPConflict, f"Task {task_id} has already ended ({state['state']}); there is nothing to cancel."
             )
-        await asyncio.to_thread(app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM")
+        waiting = state["state"] in (State.QUEUED, State.RETRY)
+        try:
+            await asyncio.to_thread(app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM")
+        except Exception as exc:
+            log.warning("could not broadcast the revocation of %s: %s", task_id, exc)
+            if not waiting:
+                raise error(
+                    web.HTTPServiceUnavailable,
+                    "The task queue (Celery broker) is not answering, so the running task cannot be stopped; "
+                    "try again shortly.",
+                    headers={"Retry-After": "2"},
+                ) from None
+            # A waiting task is cancelled all the same: workers check the stored state
+            # when its message reaches them (bridge._on_received).
         # A queued task has no worker process to report its revocation soon (it may
         # sit behind others, or no worker may be up): record it now. A running one
         # is terminated by its worker, which reports it; if none does in time, the
         # task is recorded as revoked all the same.
-        if state["state"] not in (State.QUEUED, State.RETRY):
+        if not waiting:
             await _wait_terminal(watcher, REVOKE_GRACE)
         await asyncio.to_thread(_record_revoked, app, task_id, state.get("name"))
     final = await app[STORE].task(task_id)
-    return _json({"id": task_id, "state": final["state"] if final else State.REVOKED}, status=202)
+    return final["state"] if final else State.REVOKED
 
 
 async def _wait_terminal(watcher: Any, timeout: float) -> None:
@@ -291,12 +318,16 @@ def _record_revoked(app: web.Application, task_id: str, name: str | None) -> Non
 
 async def recent_tasks(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
-    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 500):
+    digits = raw.lstrip("0") or "0"
+    if not (raw.isascii() and raw.isdigit() and len(digits) <= 3 and 1 <= int(digits) <= 500):
         raise error(web.HTTPBadRequest, f"limit must be a whole number from 1 to 500, not {raw!r}.")
     return _json({"tasks": await request.app[STORE].recent(int(raw))})
 
 
 async def healthz(request: web.Request) -> web.Response:
+    if not request.app[HUB].running:
+        body = {"status": "error", "redis": "ok", "error": "The event hub has stopped; restart this process."}
+        return _json(body, status=503)
     try:
         async with asyncio.timeout(2):
             await request.app[REDIS].ping()
