@@ -29,16 +29,21 @@ const template = document.getElementById("bar-template");
 const connection = document.getElementById("connection");
 const announcer = document.getElementById("announcer");
 const single = app.dataset.task || null;
+const base = app.dataset.base ?? ""; // the API's prefix when mounted inside another app
 const cards = new Map(); // task id -> card
 
-const stream = watch([], {
-  onEvent: (event) => show(event),
-  onUnknown: ({ task_id }) => markUnknown(task_id),
-  onStatus: (status) => {
-    connection.dataset.status = status;
-    connection.textContent = STATUS_TEXT[status] ?? status;
+const stream = watch(
+  [],
+  {
+    onEvent: (event) => show(event),
+    onUnknown: ({ task_id }) => markUnknown(task_id),
+    onStatus: (status) => {
+      connection.dataset.status = status;
+      connection.textContent = STATUS_TEXT[status] ?? status;
+    },
   },
-});
+  { base },
+);
 
 // ---- cards ---------------------------------------------------------------
 
@@ -83,7 +88,7 @@ function addCard(taskId, info = {}) {
   card.refs.name.textContent = info.name ?? "task";
   card.refs.id.textContent = taskId;
   card.refs.state.textContent = "…";
-  card.refs.link.href = `/tasks/${encodeURIComponent(taskId)}`;
+  card.refs.link.href = `${base}/tasks/${encodeURIComponent(taskId)}`;
   card.refs.cancel.addEventListener("click", () => cancel(card));
   if (single) {
     card.refs.remove.hidden = true;
@@ -164,7 +169,7 @@ function removeCard(card) {
 async function cancel(card) {
   card.refs.cancel.disabled = true;
   try {
-    const response = await fetch(`/tasks/${encodeURIComponent(card.id)}`, { method: "DELETE" });
+    const response = await fetch(`${base}/tasks/${encodeURIComponent(card.id)}`, { method: "DELETE" });
     if (!response.ok) notice(card, (await errorOf(response)) ?? `Cancel failed (${response.status}).`);
   } catch {
     notice(card, "Could not reach the server to cancel; try again.");
@@ -223,7 +228,7 @@ function duration(seconds) {
 // ---- watching --------------------------------------------------------------
 
 async function describe(taskId) {
-  const response = await fetch(`/tasks/${encodeURIComponent(taskId)}`, { headers: { Accept: "application/json" } });
+  const response = await fetch(`${base}/tasks/${encodeURIComponent(taskId)}`, { headers: { Accept: "application/json" } });
   if (response.status === 404) return null;
   if (!response.ok) throw new Error((await errorOf(response)) ?? `The server answered ${response.status}.`);
   return response.json();
@@ -290,7 +295,7 @@ async function start(form) {
   }
   const name = form.dataset.taskName;
   try {
-    const response = await fetch("/tasks", {
+    const response = await fetch(`${base}/tasks`, {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "application/json" },
       body: JSON.stringify({ name, kwargs }),
@@ -339,7 +344,7 @@ async function loadRecent() {
   const box = document.getElementById("recent");
   if (!box) return;
   try {
-    const response = await fetch("/tasks?limit=20", { headers: { Accept: "application/json" } });
+    const response = await fetch(`${base}/tasks?limit=20`, { headers: { Accept: "application/json" } });
     if (!response.ok) return;
     const { tasks } = await response.json();
     box.replaceChildren(

@@ -8,6 +8,7 @@ publish, or raises `ParamError` with a sentence a person can act on.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -101,3 +102,19 @@ class AllowList:
             known = ", ".join(sorted(self._tasks)) or "none"
             raise ParamError(f"{name!r} is not a task this server starts (it starts: {known})")
         return self._tasks[name].check(args, kwargs)
+
+
+def load(path: str) -> AllowList:
+    """The AllowList named by "package.module:ATTRIBUTE" (PROGRESS_SSE_ALLOWLIST)."""
+    from .config import ConfigError
+
+    module_name, _, attribute = path.partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {exc}") from None
+    if isinstance(value, AllowList):
+        return value
+    if isinstance(value, Iterable) and all(isinstance(t, AllowedTask) for t in value):
+        return AllowList(value)
+    raise ConfigError(f"PROGRESS_SSE_ALLOWLIST={path!r} is a {type(value).__name__}, not an AllowList")

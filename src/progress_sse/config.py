@@ -34,6 +34,8 @@ class Settings:
     max_rate: float = 20.0
     key_prefix: str = "progress-sse"
     queue: str = "celery"
+    # "package.module:ATTRIBUTE" naming an AllowList; None means the demo tasks.
+    allowlist: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -50,6 +52,7 @@ class Settings:
             max_rate=_get(environ, "PROGRESS_SSE_MAX_RATE", _positive_float, d.max_rate),
             key_prefix=_get(environ, "PROGRESS_SSE_KEY_PREFIX", _key_prefix, d.key_prefix),
             queue=_get(environ, "PROGRESS_SSE_QUEUE", _nonempty, d.queue),
+            allowlist=_get(environ, "PROGRESS_SSE_ALLOWLIST", _import_path, d.allowlist),
         )
 
     def with_(self, **changes: Any) -> Settings:
@@ -106,6 +109,12 @@ def _whole(raw: str) -> int:
         return int(raw)
     except ValueError:
         raise ValueError("expected a whole number") from None
+
+
+def _import_path(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", raw):
+        raise ValueError("expected package.module:ATTRIBUTE, e.g. myapp.progress:ALLOWED")
+    return raw
 
 
 def _key_prefix(raw: str) -> str:

@@ -76,15 +76,19 @@ ASSETS = web.AppKey("assets", Assets)
 def setup(app: web.Application) -> None:
     assets = Assets.load(asset_dir("static"))
     app[ASSETS] = assets
-    env = aiohttp_jinja2.setup(
+    aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(asset_dir("templates")),
         autoescape=jinja2.select_autoescape(default=True),
         undefined=jinja2.StrictUndefined,
     )
-    env.globals["static"] = assets.url
-    app.router.add_get("/", index)
+    app.router.add_get("/", index, name="index")
     app.router.add_get("/static/{version}/{name}", static_file)
+
+
+def base_path(request: web.Request) -> str:
+    """Where this app is mounted: "" at the root, "/progress" as a sub-app there."""
+    return str(request.app.router["index"].url_for()).rstrip("/")
 
 
 def wants_html(request: web.Request) -> bool:
@@ -96,6 +100,9 @@ def wants_html(request: web.Request) -> bool:
 
 
 def _render(request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.Response:
+    base = base_path(request)
+    assets = request.app[ASSETS]
+    context = {**context, "base": base, "static": lambda name: base + assets.url(name)}
     response = aiohttp_jinja2.render_template(template, request, context, status=status)
     response.headers.update(PAGE_HEADERS)
     return response

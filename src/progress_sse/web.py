@@ -24,6 +24,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from . import pages
 from .allowlist import AllowList, ParamError
+from .allowlist import load as load_allowlist
 from .celeryapp import make_celery
 from .config import Settings
 from .demo import DEMO_TASKS
@@ -56,11 +57,19 @@ PUBLISHER = web.AppKey("publisher", Publisher)
 def create_app(
     settings: Settings,
     *,
-    allowlist: AllowList = DEMO_TASKS,
+    allowlist: AllowList | None = None,
     celery: Celery | None = None,
 ) -> web.Application:
+    """The progress service. Mount it in your own aiohttp app with
+    `app.add_subapp("/progress/", create_app(settings, allowlist=...))`: your
+    middlewares (auth, ...) run in front of it and its URLs carry the prefix.
+
+    `allowlist` defaults to `settings.allowlist` (PROGRESS_SSE_ALLOWLIST), else the
+    demo tasks."""
     app = web.Application(middlewares=[json_errors])
     app[SETTINGS] = settings
+    if allowlist is None:
+        allowlist = load_allowlist(settings.allowlist) if settings.allowlist else DEMO_TASKS
     app[ALLOWLIST] = allowlist
     app[CELERY] = celery or make_celery(settings)
     pages.setup(app)
@@ -70,7 +79,7 @@ def create_app(
         [
             web.post("/tasks", start_task),
             web.get("/tasks", recent_tasks),
-            web.get("/tasks/{task_id}", task_state),
+            web.get("/tasks/{task_id}", task_state, name="task"),
             web.delete("/tasks/{task_id}", cancel_task),
             web.get("/tasks/{task_id}/events", task_events),
             web.get("/events", many_events),
@@ -160,7 +169,8 @@ async def start_task(request: web.Request) -> web.Response:
 
     task_id = str(uuid.uuid4())
     await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
-    location = f"/tasks/{task_id}"
+    # url_for includes the prefix when this app is mounted as a sub-app.
+    location = str(request.app.router["task"].url_for(task_id=task_id))
     return _json(
         {
             "id": task_id,
