@@ -101,6 +101,14 @@ def _on_before_publish(
     task_id = headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
     if not task_id:
         return
+    group_id = headers.get("group")
+    if group_id:  # a member of a Celery group: watchable as one bar at /groups/<id>
+        try:
+            publisher.join_group(str(group_id), str(task_id))
+        except Exception:
+            log.warning("progress-sse could not record group %s", group_id, exc_info=True)
+        publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED), group=str(group_id))
+        return
     publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED))
 
 

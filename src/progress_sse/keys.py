@@ -39,6 +39,10 @@ class Keys:
         start, end = channel.find("{"), channel.rfind("}")
         return channel[start + 1 : end]
 
+    def group(self, group_id: str) -> str:
+        """Set: the task ids of a Celery group, as their publisher sent them."""
+        return f"{self.prefix}:group:{{{group_id}}}:members"
+
     @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"

@@ -154,6 +154,13 @@ class Publisher:
         latest: dict[str, Any] = json.loads(raw)
         return latest
 
+    def join_group(self, group_id: str, task_id: str) -> None:
+        """Record that `task_id` belongs to Celery group `group_id`."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.sadd(self.keys.group(group_id), task_id)
+        pipe.expire(self.keys.group(group_id), self.history_ttl)
+        pipe.execute()
+
     def state(self, task_id: str) -> str | None:
         """The task's current state, or None (unknown task, or Redis unreachable)."""
         try:

@@ -145,6 +145,8 @@ def describe(state: dict[str, str]) -> dict[str, Any]:
         body["worker"] = state["worker"]
     if state.get("pid"):
         body["worker_pid"] = int(state["pid"])
+    if state.get("group"):
+        body["group_id"] = state["group"]
     body["cursor"] = state["seq"]
     return body
 

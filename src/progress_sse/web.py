@@ -22,7 +22,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
-from . import pages
+from . import groups, pages
 from .allowlist import AllowList, ParamError
 from .allowlist import load as load_allowlist
 from .celeryapp import make_celery
@@ -83,6 +83,8 @@ def create_app(
             web.delete("/tasks/{task_id}", cancel_task),
             web.get("/tasks/{task_id}/events", task_events),
             web.get("/events", many_events),
+            web.get("/groups/{group_id}", group_state),
+            web.get("/groups/{group_id}/events", group_events),
             web.get("/healthz", healthz),
         ]
     )
@@ -257,6 +259,22 @@ async def many_events(request: web.Request) -> web.StreamResponse:
         raise error(web.HTTPBadRequest, f"{bad[0]!r} is not a task id.")
     fresh = {t for value in request.query.getall("fresh", []) for t in value.split(",")}
     return await request.app[STREAMS].serve(request, task_ids, single=False, fresh=fresh & set(task_ids))
+
+
+def _group_id(request: web.Request) -> str:
+    group_id = request.match_info["group_id"]
+    if not is_task_id(group_id):
+        raise error(web.HTTPNotFound, f"{group_id!r} is not a group id.")
+    return group_id
+
+
+async def group_state(request: web.Request) -> web.Response:
+    return await groups.group_state(request, request.app[STORE], _group_id(request))
+
+
+async def group_events(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    return await groups.serve(request, app[HUB], app[STORE], _group_id(request), app[SETTINGS].heartbeat)
 
 
 async def cancel_task(request: web.Request) -> web.Response:

@@ -1,0 +1,130 @@
+"""A Celery group as one bar: its members' events folded into one aggregate.
+
+The bridge records each member when it is published (Celery puts the group id in
+the message headers). `/groups/<id>/events` watches every member on the same
+machinery as `/events` (one subscription per member, gapless), and after each
+batch of member events sends one `event: group` frame with the aggregate; its
+`id:` is the cursor of the member event that changed it. The aggregate is a state,
+so a reconnect simply starts from the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .errors import error
+from .events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
+from .hub import Hub, Signal
+from .store import Store
+from .streams import SSE_HEADERS, parse_cursor
+
+
+def aggregate(group_id: str, members: Mapping[str, dict[str, Any]], expected: int) -> dict[str, Any]:
+    """The group's bar: the sum of its members' current and total (total unknown while
+    any member's is), how many tasks have ended, and a state for the whole group."""
+    payloads = list(members.values())
+    counts = Counter(p["state"] for p in payloads)
+    done = sum(counts[s] for s in TERMINAL_STATES)
+    current = sum(p.get("current") or 0 for p in payloads)
+    totals = [p.get("total") for p in payloads]
+    total = sum(t for t in totals if t is not None) if payloads and None not in totals else None
+    if len(payloads) < expected:
+        total = None  # members not seen yet: the total is not known
+    return {
+        "group_id": group_id,
+        "state": _group_state(counts, done, expected),
+        "current": current,
+        "total": total,
+        "percent": percent_of(current, total),
+        "message": f"{done} of {expected} tasks done",
+        "tasks": expected,
+        "done": done,
+        "counts": dict(sorted(counts.items())),
+        "ts": round(time.time(), 3),
+    }
+
+
+def _group_state(counts: Counter[str], done: int, expected: int) -> str:
+    if done < expected:
+        if counts[State.STARTED] or counts[State.PROGRESS] or counts[State.RETRY] or done:
+            return State.PROGRESS
+        return State.QUEUED
+    for state in (State.FAILURE, State.LOST, State.REVOKED):
+        if counts[state]:
+            return state
+    return State.SUCCESS
+
+
+async def members(store: Store, group_id: str) -> list[str]:
+    found = await store.client.smembers(store.keys.group(group_id))
+    return sorted(str(member) for member in found)
+
+
+async def group_state(request: web.Request, store: Store, group_id: str) -> web.Response:
+    ids = await members(store, group_id)
+    if not ids:
+        raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
+    start = await store.start(ids, None)
+    latest = {t.task_id: t.frames[-1].payload() for t in start.tasks if t.known}
+    body = aggregate(group_id, latest, len(ids))
+    body["members"] = ids
+    return web.json_response(body, dumps=dumps)
+
+
+async def serve(request: web.Request, hub: Hub, store: Store, group_id: str, heartbeat: float) -> web.StreamResponse:
+    ids = await members(store, group_id)
+    if not ids:
+        raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
+    cursor = parse_cursor(request)
+    async with hub.watch(ids) as watcher:
+        start = await store.start(ids, None)
+        latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
+        last_seq = max((f.seq for f in latest.values()), default=0)
+        finished = len(latest) == len(ids) and all(f.terminal for f in latest.values())
+        if finished and cursor is not None and cursor >= last_seq:
+            return web.Response(status=204)
+
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        await response.write(PING)
+
+        def frame(seq: int) -> bytes:
+            body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))
+            return encode_sse(id=str(seq), event="group", data=dumps(body))
+
+        await response.write(frame(last_seq))
+        position = start.upto
+        clock = asyncio.get_running_loop().time
+        last_write = clock()
+        while not finished and not watcher.closed:
+            first = await watcher.next(max(0.0, last_write + heartbeat - clock()))
+            if first is None:
+                await response.write(PING)
+                last_write = clock()
+                continue
+            changed = 0
+            for item in [first, *watcher.pending()]:
+                if item is Signal.CLOSE:
+                    break
+                if item is Signal.RESYNC:
+                    frames, position = await store.after(ids, position)
+                elif item.seq <= position:
+                    continue
+                else:
+                    frames, position = [item], item.seq
+                for member in frames:
+                    if not (latest.get(member.task_id) and latest[member.task_id].terminal):
+                        latest[member.task_id] = member
+                        changed = member.seq
+            if changed:
+                await response.write(frame(changed))
+                last_write = clock()
+                finished = len(latest) == len(ids) and all(f.terminal for f in latest.values())
+        await response.write_eof()
+        return response
