@@ -30,12 +30,14 @@ const connection = document.getElementById("connection");
 const announcer = document.getElementById("announcer");
 const single = app.dataset.task || null;
 const base = app.dataset.base ?? ""; // the API's prefix when mounted inside another app
-const cards = new Map(); // task id -> card
+const cards = new Map(); // task id (or group id) -> card
+const groups = new Map(); // group id -> { members: Map(task id -> latest event), size }
+const groupOf = new Map(); // member task id -> group id
 
 const stream = watch(
   [],
   {
-    onEvent: (event) => show(event),
+    onEvent: (event) => (groupOf.has(event.task_id) ? showGroup(groupOf.get(event.task_id), event) : show(event)),
     onUnknown: ({ task_id }) => markUnknown(task_id),
     onStatus: (status) => {
       connection.dataset.status = status;
@@ -147,6 +149,47 @@ function show(event) {
   if (changed) announce(`${refs.name.textContent} ${card.id.slice(0, 8)}: ${event.state}`);
 }
 
+// A group's bar sums its members' current/total, like GET /groups/<id>/events does
+// on the server; here the members ride the page's one shared stream instead.
+function showGroup(groupId, event) {
+  const group = groups.get(groupId);
+  if (!group) return;
+  group.members.set(event.task_id, event);
+  const members = [...group.members.values()];
+  const done = members.filter((m) => isTerminal(m.state)).length;
+  const known = members.length === group.size && members.every((m) => m.total != null);
+  const current = members.reduce((sum, m) => sum + (m.current ?? 0), 0);
+  const total = known ? members.reduce((sum, m) => sum + m.total, 0) : null;
+  let state = members.some((m) => m.state !== "queued") ? "progress" : "queued";
+  if (done === group.size) {
+    state = ["failure", "lost", "revoked"].find((s) => members.some((m) => m.state === s)) ?? "success";
+  }
+  show({
+    task_id: groupId,
+    name: `group of ${group.size} tasks`,
+    state,
+    current,
+    total,
+    percent: total ? Math.min(100, Math.round((10000 * current) / total) / 100) : null,
+    message: `${done} of ${group.size} tasks done`,
+    ts: event.ts,
+  });
+}
+
+function followGroup(info) {
+  if (cards.has(info.group_id)) return;
+  groups.set(info.group_id, { members: new Map(), size: info.members.length });
+  const card = addCard(info.group_id, { ...info, task_id: info.group_id, name: `group of ${info.tasks} tasks` });
+  card.refs.cancel.hidden = true; // cancel its tasks one by one
+  card.refs.link.hidden = true;
+  card.node.classList.add("group");
+  for (const id of info.members) {
+    groupOf.set(id, info.group_id);
+    stream.add(id);
+  }
+  saveWatched();
+}
+
 function markUnknown(taskId) {
   const card = cards.get(taskId);
   if (!card) return;
@@ -226,6 +269,11 @@ function duration(seconds) {
 }
 
 // ---- watching --------------------------------------------------------------
+
+async function describeGroup(groupId) {
+  const response = await fetch(`${base}/groups/${encodeURIComponent(groupId)}`, { headers: { Accept: "application/json" } });
+  return response.ok ? response.json() : null;
+}
 
 async function describe(taskId) {
   const response = await fetch(`${base}/tasks/${encodeURIComponent(taskId)}`, { headers: { Accept: "application/json" } });
@@ -324,10 +372,15 @@ async function observe(form) {
   try {
     const info = await describe(taskId);
     if (info === null) {
-      showError(errorBox, `There is no task ${taskId}, or its history has expired.`);
-      return;
+      const group = await describeGroup(taskId);
+      if (group === null) {
+        showError(errorBox, `There is no task or group ${taskId}, or its history has expired.`);
+        return;
+      }
+      followGroup(group);
+    } else {
+      follow(taskId, info);
     }
-    follow(taskId, info);
     input.value = "";
   } catch (error) {
     showError(errorBox, error.message);
@@ -376,9 +429,12 @@ async function loadRecent() {
 }
 
 async function restore(ids) {
-  const infos = await Promise.all(ids.map((id) => describe(id).catch(() => null)));
+  const infos = await Promise.all(
+    ids.map(async (id) => (await describe(id).catch(() => null)) ?? { group: await describeGroup(id).catch(() => null) }),
+  );
   ids.forEach((id, i) => {
-    if (infos[i]) follow(id, infos[i]);
+    if (infos[i].group) followGroup(infos[i].group);
+    else if (infos[i].group === undefined) follow(id, infos[i]);
   });
   saveWatched();
 }

@@ -115,3 +115,33 @@ async def test_unknown_group_is_404(server: Server) -> None:
         async with server.session.get(server.url(path)) as resp:
             assert resp.status == 404
             assert "group" in (await resp.json())["error"]
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+@pytest.mark.usefixtures("worker")
+async def test_page_shows_a_group_as_one_bar_on_the_shared_stream(
+    server: Server, publisher_app: Celery, output_dir: Any
+) -> None:
+    from .browser import open_browser
+
+    count = publisher_app.signature("demo.count", kwargs={"n": 5, "delay": 0.1})
+    group_id = await start_group(publisher_app, count, count.clone())
+    shots = output_dir / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    async with open_browser(shots, "group") as page:
+        await page.page.goto(server.url("/"))
+        await page.page.get_by_label("Task id").fill(group_id)
+        await page.page.get_by_role("button", name="Observe").click()
+        await page.wait_state(group_id, "success", timeout=60)
+        card = page.card(group_id)
+        assert await card.locator(".task-name").text_content() == "group of 2 tasks"
+        assert await card.locator(".task-message").text_content() == "2 of 2 tasks done"
+        assert await card.locator(".task-count").text_content() == "10 of 10"
+        assert await card.locator("progress").evaluate("(el) => [el.value, el.max]") == [10, 10]
+        assert await page.page.locator(".task").count() == 1, "members feed the group's bar, not bars of their own"
+        streams = await page.streams()
+        assert streams["maxOpen"] == 1
+        await page.screenshot("group-success")
+        page.forgive("404 (Not Found)")  # the page asks /tasks/<id> first, then /groups/<id>
+        assert page.errors == []
