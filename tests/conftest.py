@@ -86,6 +86,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         PROGRESS_SSE_KEY_PREFIX=settings.key_prefix,
         PROGRESS_SSE_QUEUE=settings.queue,
         PROGRESS_SSE_MAX_RATE=str(settings.max_rate),
+        PROGRESS_SSE_WORKER_TTL=str(settings.worker_ttl),
     )
     return env
 
@@ -113,6 +114,7 @@ class Worker:
             env=worker_env(settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a test can kill it whole
         )
 
     def wait_ready(self, timeout: float = 60) -> None:

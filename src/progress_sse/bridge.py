@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,27 @@ _UID = "progress-sse"
 MAX_RESULT_BYTES = 64 * 1024
 
 _publisher: Publisher | None = None
+_worker_ttl = Settings().worker_ttl
+_heartbeat: _Heartbeat | None = None
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps `<prefix>:worker:{hostname}` alive while the worker's parent process is.
+    When it expires (the worker was killed outright, no signal sent), the web
+    process marks the worker's running tasks `lost` (reaper.py)."""
+
+    def __init__(self, publisher: Publisher, hostname: str, ttl: int) -> None:
+        super().__init__(name="progress-sse heartbeat", daemon=True)
+        self.publisher, self.hostname, self.ttl = publisher, hostname, ttl
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.publisher.worker_alive(self.hostname, self.ttl)
+            except Exception:
+                log.warning("progress-sse could not send the worker heartbeat", exc_info=True)
+            self.stopped.wait(self.ttl / 3)
 
 
 def install(
@@ -46,11 +68,12 @@ def install(
     process-wide, so every app in the process is covered; `app` is accepted so the
     call reads naturally next to the app it serves.
     """
-    global _publisher
+    global _publisher, _worker_ttl
     if settings is None:
         settings = Settings.from_env(os.environ)
     publisher = publisher or Publisher.from_settings(settings)
     _publisher = publisher
+    _worker_ttl = settings.worker_ttl
     progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"{_UID}:{handler.__name__}")
@@ -138,7 +161,29 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     fields: dict[str, Any] = {"worker": getattr(request, "hostname", None) or "", "pid": os.getpid()}
     if not getattr(request, "retries", 0):  # started_at is the first attempt's
         fields["started_at"] = event["ts"]
-    publisher.publish_quietly(event, **fields)
+    if publisher.publish_quietly(event, **fields) is not None and fields["worker"]:
+        publisher.task_running(task_id, fields["worker"])
+
+
+@_never_raises
+def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    global _heartbeat
+    hostname = getattr(sender, "hostname", None)
+    if _publisher is None or not hostname or _heartbeat is not None:
+        return
+    _heartbeat = _Heartbeat(_publisher, str(hostname), _worker_ttl)
+    _heartbeat.start()
+
+
+@_never_raises
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    global _heartbeat
+    if _heartbeat is None:
+        return
+    _heartbeat.stopped.set()
+    # Tasks a cold shutdown cut short are then marked lost at once, not after the TTL.
+    _heartbeat.publisher.worker_gone(_heartbeat.hostname)
+    _heartbeat = None
 
 
 @_never_raises
@@ -219,6 +264,10 @@ def _finish(task_id: str, name: str | None, state: State, *, message: str | None
         current = total
     event = make_event(task_id, name, state, current=current, total=total, message=message, **extra)
     _publisher.publish_quietly(event)
+    try:
+        _publisher.task_ended(task_id)  # no longer running (a retry runs again later)
+    except Exception:
+        log.warning("progress-sse could not update the running index", exc_info=True)
 
 
 def _result(result: Any) -> Any:
@@ -233,6 +282,8 @@ _HANDLERS = (
     (signals.before_task_publish, _on_before_publish),
     (signals.task_received, _on_received),
     (signals.task_prerun, _on_prerun),
+    (signals.worker_ready, _on_worker_ready),
+    (signals.worker_shutdown, _on_worker_shutdown),
     (signals.task_retry, _on_retry),
     (signals.task_success, _on_success),
     (signals.task_failure, _on_failure),

@@ -34,6 +34,9 @@ class Settings:
     max_rate: float = 20.0
     key_prefix: str = "progress-sse"
     queue: str = "celery"
+    # Seconds without a heartbeat after which a worker counts as gone and its
+    # running tasks as lost (it beats every third of that).
+    worker_ttl: int = 30
     # "package.module:ATTRIBUTE" naming an AllowList; None means the demo tasks.
     allowlist: str | None = None
 
@@ -53,6 +56,7 @@ class Settings:
             key_prefix=_get(environ, "PROGRESS_SSE_KEY_PREFIX", _key_prefix, d.key_prefix),
             queue=_get(environ, "PROGRESS_SSE_QUEUE", _nonempty, d.queue),
             allowlist=_get(environ, "PROGRESS_SSE_ALLOWLIST", _import_path, d.allowlist),
+            worker_ttl=_get(environ, "PROGRESS_SSE_WORKER_TTL", _positive_int, d.worker_ttl),
         )
 
     def with_(self, **changes: Any) -> Settings:

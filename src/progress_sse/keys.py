@@ -43,6 +43,15 @@ class Keys:
         """Set: the task ids of a Celery group, as their publisher sent them."""
         return f"{self.prefix}:group:{{{group_id}}}:members"
 
+    def worker(self, hostname: str) -> str:
+        """String with a TTL: present while the worker's parent process is alive."""
+        return f"{self.prefix}:worker:{{{hostname}}}"
+
+    @property
+    def running(self) -> str:
+        """Hash: task id -> hostname of the worker running it."""
+        return f"{self.prefix}:running"
+
     @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"

@@ -154,6 +154,18 @@ class Publisher:
         latest: dict[str, Any] = json.loads(raw)
         return latest
 
+    def worker_alive(self, hostname: str, ttl: int) -> None:
+        self.client.set(self.keys.worker(hostname), "1", ex=ttl)
+
+    def worker_gone(self, hostname: str) -> None:
+        self.client.delete(self.keys.worker(hostname))
+
+    def task_running(self, task_id: str, hostname: str) -> None:
+        self.client.hset(self.keys.running, task_id, hostname)
+
+    def task_ended(self, task_id: str) -> None:
+        self.client.hdel(self.keys.running, task_id)
+
     def join_group(self, group_id: str, task_id: str) -> None:
         """Record that `task_id` belongs to Celery group `group_id`."""
         pipe = self.client.pipeline(transaction=False)

@@ -8,6 +8,7 @@ waits on them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -22,7 +23,7 @@ from celery import Celery
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
-from . import groups, pages
+from . import groups, pages, reaper
 from .allowlist import AllowList, ParamError
 from .allowlist import load as load_allowlist
 from .celeryapp import make_celery
@@ -116,9 +117,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STREAMS] = EventStream(hub, app[STORE], heartbeat=settings.heartbeat)
     app[PUBLISHER] = Publisher.from_settings(settings)
     await hub.start()
+    reaper_task = asyncio.create_task(reaper.run(client, keys, app[PUBLISHER], settings.worker_ttl))
     try:
         yield
     finally:
+        reaper_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper_task
         await hub.close()
         await hub_client.aclose()
         await client.aclose()
@@ -342,6 +347,7 @@ def _record_revoked(app: web.Application, task_id: str, name: str | None) -> Non
         reason="revoked",
     )
     publisher.publish(event)  # refused (a no-op) if the worker already ended it
+    publisher.task_ended(task_id)
 
 
 async def recent_tasks(request: web.Request) -> web.Response:

@@ -1,0 +1,66 @@
+"""Web side: mark tasks `lost` whose worker vanished without a word.
+
+A worker killed outright (SIGKILL, an out-of-memory kill, a platform restarting
+its dyno) fires no Celery signal, so nothing would ever end its running tasks'
+streams. Each worker's parent keeps a heartbeat key alive (bridge._Heartbeat);
+running tasks are indexed with their worker. Every third of the TTL this reaper
+looks for running tasks whose worker's key has expired and stores `lost` for them.
+Several web processes may reap at once: the write script stores only the first
+terminal event, so the others' attempts are no-ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from .events import State, make_event
+from .keys import Keys
+from .publisher import Publisher
+
+log = logging.getLogger(__name__)
+
+
+async def reap_once(client: aioredis.Redis, keys: Keys, publisher: Publisher) -> list[str]:
+    """Mark the tasks of gone workers lost; returns their ids."""
+    running = cast(dict[str, str], await client.hgetall(keys.running))
+    if not running:
+        return []
+    hosts = sorted(set(running.values()))
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.exists(keys.worker(host))
+    alive = dict(zip(hosts, await pipe.execute(), strict=True))
+    lost = [task_id for task_id, host in running.items() if not alive[host]]
+    for task_id in lost:
+        await asyncio.to_thread(_mark_lost, publisher, task_id, running[task_id])
+    return lost
+
+
+def _mark_lost(publisher: Publisher, task_id: str, host: str) -> None:
+    latest = publisher.latest(task_id) or {}
+    event = make_event(
+        task_id,
+        latest.get("name"),
+        State.LOST,
+        current=latest.get("current") or 0,
+        total=latest.get("total"),
+        message=f"The worker running it ({host}) stopped answering",
+    )
+    publisher.publish(event)  # refused, harmlessly, if it ended meanwhile
+    publisher.task_ended(task_id)
+
+
+async def run(client: aioredis.Redis, keys: Keys, publisher: Publisher, ttl: int) -> None:
+    while True:
+        await asyncio.sleep(max(ttl / 3, 0.2))
+        try:
+            lost = await reap_once(client, keys, publisher)
+        except Exception:
+            log.warning("progress-sse could not look for lost tasks", exc_info=True)
+            continue
+        if lost:
+            log.warning("progress-sse marked %d task(s) lost: %s", len(lost), ", ".join(lost))
