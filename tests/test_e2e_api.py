@@ -206,3 +206,20 @@ async def test_healthz_reports_redis(server: Server, make_server: Any, settings:
     async with down.session.get(down.url(f"/tasks/{UNKNOWN}")) as resp:
         assert resp.status == 503
         assert "Redis is not answering" in (await resp.json())["error"]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_celery_progress_format_keeps_a_polling_front_end_working(server: Server) -> None:
+    from .sse import SSEReader
+
+    task_id = await server.start_task("demo.count", n=2, delay=0.01)
+    async with server.session.get(server.url(f"/tasks/{task_id}/events?last_event_id=0")) as resp:
+        assert (await SSEReader(resp).rest())[-1].event == "success"
+    async with server.session.get(server.url(f"/tasks/{task_id}?format=celery-progress")) as resp:
+        body = await resp.json()
+    assert body["state"] == "SUCCESS" and body["complete"] is True and body["success"] is True
+    assert body["result"] == {"processed": 2}
+    assert body["progress"]["percent"] == 100
+    async with server.session.get(server.url(f"/tasks/{UNKNOWN}?format=celery-progress")) as resp:
+        assert resp.status == 200  # celery-progress's JS would stop polling on a 404
+        assert (await resp.json())["state"] == "PENDING"
