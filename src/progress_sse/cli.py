@@ -1,4 +1,7 @@
-"""`progress-sse web | worker | dev`: the Procfile's processes and the one-command run.
+"""`progress-sse web | worker | dev | watch | start`.
+
+`web`, `worker` and `dev` are the Procfile's processes and the one-command run.
+`watch` and `start` are clients of a running server's HTTP API (docs/cli.md).
 
 Every option falls back to its environment variable, so the Procfile lines need no
 flags on a platform that sets `PORT` and `REDIS_URL`. Invalid configuration stops
@@ -8,7 +11,11 @@ the command at start with a message that names the setting and the bad value.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
+import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -16,9 +23,16 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    # The client modules import aiohttp and rich: only `watch` and `start` pay for that.
+    import aiohttp
+
+    from .client import RetryPolicy
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command != "worker" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("watch", "start"):
+        # Clients of a server: they need no Redis settings, and log nothing.
+        return _client(parser, args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -84,7 +101,223 @@ def _parser() -> argparse.ArgumentParser:
     common(dev)
     web_options(dev)
     dev.add_argument("--concurrency", type=int, default=2, help="worker pool processes [default 2]")
+    _client_parsers(sub)
     return parser
+
+
+# What `watch` (and `start --watch`) exits with, by the task's terminal state.
+EXIT_SUCCESS, EXIT_FAILURE, EXIT_CANCELLED, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_STATUS = {"success": EXIT_SUCCESS, "failure": EXIT_FAILURE, "revoked": EXIT_CANCELLED, "lost": EXIT_CANCELLED}
+EXIT_HELP = (
+    "exit status: 0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, "
+    "3 the server cannot be reached or does not know the task (2 is also argparse's usage error)"
+)
+URL_ENV, DEFAULT_URL = "PROGRESS_SSE_URL", "http://localhost:8000"
+RETRY_ENV, DEFAULT_RETRY_FOR = "PROGRESS_SSE_RETRY_FOR", 60.0
+
+
+def _client_parsers(sub: Any) -> None:
+    def url(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            help=f"base URL of the progress-sse server (the part before /tasks) [env {URL_ENV}; default {DEFAULT_URL}]",
+        )
+
+    def watching(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            dest="json_lines",
+            help="print each event as one JSON object per line (its payload plus 'cursor') instead of a bar",
+        )
+        p.add_argument(
+            "--retry-for",
+            metavar="SECONDS",
+            help="after the connection drops, keep reconnecting (with backoff, resuming at the last event) for "
+            f"this long before giving up with exit status 3 [env {RETRY_ENV}; default {DEFAULT_RETRY_FOR:g}]",
+        )
+
+    watch = sub.add_parser(
+        "watch",
+        help="follow a task's progress in the terminal until it ends",
+        description="Draws a live progress bar on a terminal, plain lines when stdout is not one, or JSON lines "
+        "with --json. Resumes where it left off if the connection drops. The traceback of a failed task is "
+        "always printed.",
+        epilog=EXIT_HELP,
+    )
+    watch.add_argument("task_id", metavar="TASK_ID", help="the task's id, as `progress-sse start` prints it")
+    watch.add_argument(
+        "--after",
+        metavar="CURSOR",
+        help="show the events after this cursor instead of starting at the task's current state: "
+        "0 replays the task's whole history, the 'cursor' of a --json line resumes from there",
+    )
+    url(watch)
+    watching(watch)
+
+    start = sub.add_parser(
+        "start",
+        help="start an allow-listed task through the server and print its id",
+        description="POSTs the task to <url>/tasks and prints only its id on stdout, so "
+        "`id=$(progress-sse start demo.count)` works. A refused task (4xx) prints the server's reason on "
+        "stderr and exits 3, as does a server that cannot be reached.",
+        epilog=f"with --watch, {EXIT_HELP}",
+    )
+    start.add_argument("name", metavar="NAME", help="the task's name on the server's allow-list, e.g. demo.count")
+    start.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        dest="args",
+        metavar="VALUE",
+        type=_json_or_string,
+        help="a positional argument; repeat for more, in order. Sent as JSON when it parses as JSON "
+        "(20, 1.5, true, null, [1,2]), else as a string (hello). Quote a string that looks like JSON: '\"20\"'",
+    )
+    start.add_argument(
+        "--kw",
+        action="append",
+        default=[],
+        dest="kwargs",
+        metavar="KEY=VALUE",
+        type=_keyword,
+        help="a keyword argument; repeatable. VALUE is read as for --arg: --kw n=20 sends 20, --kw label=hi sends 'hi'",
+    )
+    start.add_argument(
+        "--watch",
+        action="store_true",
+        help="then watch the task, as `progress-sse watch --after 0` does: every event from 'queued' on",
+    )
+    url(start)
+    watching(start)
+
+
+def _json_or_string(text: str) -> Any:
+    """JSON when the text is JSON, else the text itself.
+
+    NaN, Infinity and numbers too large for a float (1e999) are not JSON the server
+    accepts, so they stay text rather than becoming a request that is refused."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(number)
+        return value
+
+    try:
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
+    except ValueError:
+        return text
+
+
+def _keyword(text: str) -> tuple[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, _json_or_string(value)
+
+
+def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "start":
+        keys = [key for key, _ in args.kwargs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            parser.error(f"--kw {twice[0]} is given more than once")
+        if not args.watch and (args.json_lines or args.retry_for is not None):
+            parser.error("--json and --retry-for apply to --watch; add --watch or leave them out")
+    try:
+        base_url = _base_url(args.url)
+        retry_for = _retry_for(args.retry_for)
+    except ConfigError as exc:
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A message with characters the pipe's encoding lacks must not crash the watch.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        return asyncio.run(_client_main(args, base_url, retry_for))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _base_url(flag: str | None) -> str:
+    """--url, else PROGRESS_SSE_URL, else the default; a bad one is named with where it came from."""
+    name, value = ("--url", flag) if flag else (URL_ENV, os.environ.get(URL_ENV, "").strip())
+    if not value:
+        return DEFAULT_URL
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={value!r} is not valid: expected http://host[:port][/prefix]")
+    return value
+
+
+def _retry_for(flag: str | None) -> float:
+    name, value = ("--retry-for", flag) if flag is not None else (RETRY_ENV, os.environ.get(RETRY_ENV, "").strip())
+    if not value:
+        return DEFAULT_RETRY_FOR
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{name}={value!r} is not valid: expected a number of seconds, 0 or more")
+    return seconds
+
+
+async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float) -> int:
+    from .client import ClientError, Rejected, RetryPolicy, new_session, start_task
+
+    policy = RetryPolicy(give_up_after=retry_for)
+    async with new_session() as session:
+        if args.command == "watch":
+            return await watch(
+                session, base_url, args.task_id, json_lines=args.json_lines, policy=policy, cursor=args.after
+            )
+        try:
+            task_id = await start_task(session, base_url, args.name, args.args, dict(args.kwargs))
+        except Rejected as exc:
+            print(f"progress-sse: the server refused the task (HTTP {exc.status}): {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except ClientError as exc:
+            print(f"progress-sse: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if not args.watch:
+            print(task_id, flush=True)
+            return EXIT_SUCCESS
+        # Cursor 0: the whole log, so nothing between the POST and the stream's start is missed.
+        return await watch(session, base_url, task_id, json_lines=args.json_lines, policy=policy, cursor="0")
+
+
+async def watch(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    task_id: str,
+    *,
+    json_lines: bool,
+    policy: RetryPolicy | None = None,
+    cursor: str | None = None,
+) -> int:
+    """Follow the task with the renderer that suits stdout; the exit status of its end."""
+    from .client import ClientError, Reconnecting, follow
+    from .terminal import make_renderer
+
+    try:
+        with make_renderer(task_id, json_lines=json_lines) as renderer:
+            async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy):
+                if isinstance(item, Reconnecting):
+                    renderer.reconnecting(item)
+                    continue
+                renderer.event(item)
+                if item.terminal:
+                    return EXIT_STATUS.get(item.state, EXIT_FAILURE)
+    except ClientError as exc:
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    # follow() ends only after a terminal event or by raising; this is for the type checker.
+    return EXIT_UNREACHABLE
 
 
 def _settings(args: argparse.Namespace) -> Settings:

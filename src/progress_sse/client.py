@@ -1,0 +1,263 @@
+"""The HTTP side of `progress-sse watch` and `start`: follow one task's stream, resume it, start tasks.
+
+`follow()` is the part that has to be right. It yields the task's events until a
+terminal one, reconnecting with the cursor (`Last-Event-ID`) whenever the
+connection drops, so the caller sees every event exactly once, in order, however
+often the network fails. It gives up (`CannotConnect`) only when no connection
+has been healthy for `RetryPolicy.give_up_after` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from .events import TERMINAL_STATES
+from .sse import SSEDecoder, SSEError
+
+DEFAULT_URL = "http://localhost:8000"
+URL_ENV = "PROGRESS_SSE_URL"
+
+# The server pings every 15 s by default. Three missed pings means the connection
+# is dead even if TCP has not noticed (a NAT box forgot it, a laptop slept).
+DEFAULT_IDLE_TIMEOUT = 45.0
+
+
+class ClientError(Exception):
+    """Anything that ends a watch or a start before a result: exit status 3."""
+
+
+class TaskNotFound(ClientError):
+    """The server does not know the task (404), or no longer: its history expired."""
+
+
+class CannotConnect(ClientError):
+    """The server could not be reached, answered with an error, or was gone for too long."""
+
+
+class Rejected(ClientError):
+    """`POST /tasks` was refused; the message is the server's `{"error"}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Transient(Exception):
+    """A failure worth retrying (5xx, an inconsistent answer); never leaves this module."""
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One event of the task: the protocol's payload and the cursor that follows it."""
+
+    state: str
+    payload: dict[str, Any]
+    cursor: str | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class Reconnecting:
+    """The connection dropped; the next attempt comes after `delay` seconds."""
+
+    attempt: int
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff between reconnects: `initial` doubling up to `maximum`, with jitter.
+
+    A connection counts as healthy once it delivered an event or stayed open for
+    `healthy_after` seconds; only then does the backoff start over. So a server
+    that accepts and at once closes every connection is retried with a growing
+    delay and given up on, not hammered forever.
+    """
+
+    initial: float = 0.5
+    maximum: float = 5.0
+    give_up_after: float = 60.0
+    healthy_after: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.maximum, self.initial * 2.0 ** max(0, attempt - 1))
+        # Jitter spreads out many watchers that lost the same server at once.
+        return base * random.uniform(0.5, 1.0)
+
+
+def task_url(base_url: str, task_id: str) -> str:
+    # quote: an id with a slash or a space must not change the path.
+    return f"{base_url.rstrip('/')}/tasks/{quote(task_id, safe='')}"
+
+
+def new_session(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> aiohttp.ClientSession:
+    """A session for the CLI: no total timeout (a watch lasts as long as the task)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout)
+    # trust_env: HTTP(S)_PROXY and NO_PROXY apply, as they do for curl.
+    return aiohttp.ClientSession(timeout=timeout, trust_env=True)
+
+
+async def follow(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    task_id: str,
+    *,
+    cursor: str | None = None,
+    policy: RetryPolicy | None = None,
+) -> AsyncIterator[TaskEvent | Reconnecting]:
+    """Every event of the task from now (or after `cursor`) to its terminal one.
+
+    Raises `TaskNotFound` on a 404, and `CannotConnect` when the first connection
+    fails (a wrong URL should fail fast, not after a minute of retries) or when
+    later reconnects keep failing for `policy.give_up_after` seconds. Ends after
+    yielding the terminal event.
+    """
+    policy = policy or RetryPolicy()
+    url = f"{task_url(base_url, task_id)}/events"
+    clock = asyncio.get_running_loop().time
+    connected_once = False
+    attempt = 0
+    failing_since: float | None = None
+    while True:
+        opened_at = clock()
+        healthy = False
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        if cursor:
+            headers["Last-Event-ID"] = cursor
+        try:
+            async with session.get(url, headers=headers) as resp:
+                if resp.status == 404:
+                    raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+                if resp.status == 204:
+                    # Our cursor is at or after the terminal event: the task ended while
+                    # we were away. Its state says how.
+                    yield await _final_state(session, base_url, task_id)
+                    return
+                if resp.status >= 500:
+                    raise _Transient(await _error_message(resp, f"the server answered {resp.status}"))
+                if resp.status != 200:
+                    raise CannotConnect(await _error_message(resp, f"{url} answered {resp.status}"))
+                if resp.content_type != "text/event-stream":
+                    raise CannotConnect(f"{url} is not an event stream (it sent {resp.content_type}); check --url")
+                connected_once = True
+                decoder = SSEDecoder()
+                async for chunk in resp.content.iter_any():
+                    for frame in decoder.feed(chunk):
+                        cursor = frame.id or cursor
+                        event = _task_event(frame.event, frame.data, cursor)
+                        if event is None:
+                            continue
+                        healthy = True
+                        yield event
+                        if event.terminal:
+                            return
+                    cursor = decoder.last_event_id or cursor
+            reason = "the server ended the stream before the task ended"
+        except (aiohttp.ClientError, TimeoutError, SSEError, _Transient) as exc:
+            if not connected_once:
+                raise CannotConnect(f"cannot watch {url}: {_describe(exc)}") from exc
+            reason = _describe(exc)
+
+        now = clock()
+        if healthy or now - opened_at >= policy.healthy_after:
+            attempt, failing_since = 0, None
+        failing_since = now if failing_since is None else failing_since
+        deadline = failing_since + policy.give_up_after
+        if now >= deadline:
+            raise CannotConnect(f"gave up on {url} after {policy.give_up_after:g} s of failed reconnects: {reason}")
+        attempt += 1
+        delay = min(policy.delay(attempt), deadline - now)
+        yield Reconnecting(attempt, delay, reason)
+        await asyncio.sleep(delay)
+
+
+async def fetch_state(session: aiohttp.ClientSession, base_url: str, task_id: str) -> dict[str, Any]:
+    """`GET /tasks/<id>`: the task's latest event plus what is known of it."""
+    async with session.get(task_url(base_url, task_id), headers={"Accept": "application/json"}) as resp:
+        if resp.status == 404:
+            raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+        if resp.status != 200:
+            raise _Transient(await _error_message(resp, f"GET /tasks/{task_id} answered {resp.status}"))
+        body = await resp.json()
+    if not isinstance(body, dict) or not isinstance(body.get("state"), str):
+        raise _Transient(f"GET /tasks/{task_id} did not answer with a task state")
+    return body
+
+
+async def start_task(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    name: str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+) -> str:
+    """`POST /tasks`; returns the new task's id. Raises `Rejected` or `CannotConnect`."""
+    url = f"{base_url.rstrip('/')}/tasks"
+    body = {"name": name, "args": list(args), "kwargs": dict(kwargs or {})}
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status != 202:
+                raise Rejected(resp.status, await _error_message(resp, f"{url} answered {resp.status}"))
+            answer = await resp.json()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CannotConnect(f"cannot start a task at {url}: {_describe(exc)}") from exc
+    if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
+        raise CannotConnect(f"{url} accepted the task but sent no id; check --url")
+    return str(answer["id"])
+
+
+async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: str) -> TaskEvent:
+    state = await fetch_state(session, base_url, task_id)
+    event = TaskEvent(state["state"], state, _cursor(state.get("cursor")))
+    if not event.terminal:
+        # 204 means "nothing follows", yet the state says otherwise: ask again.
+        raise _Transient(f"the server answered 204 but the task is still {event.state}")
+    return event
+
+
+def _task_event(name: str, data: str, cursor: str | None) -> TaskEvent | None:
+    """The frame as a task event; None for a frame that is not one (ignored, as the protocol asks)."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    state = payload.get("state")
+    return TaskEvent(state if isinstance(state, str) else name, payload, cursor)
+
+
+def _cursor(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+async def _error_message(resp: aiohttp.ClientResponse, default: str) -> str:
+    """The server's `{"error": ...}` sentence when it sent one, else `default`."""
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        return default
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return str(body["error"])
+    return default
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, _Transient | SSEError):
+        return text
+    if isinstance(exc, TimeoutError) and not text:
+        return "timed out waiting for the server"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

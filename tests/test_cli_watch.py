@@ -1,0 +1,512 @@
+"""`progress-sse watch`, run for real: a subprocess against the real server and worker.
+
+Exit statuses, `--json`, plain lines without a TTY, the live bar under a pseudo-
+terminal; and, in-process, what the bar and the lines show for determinate,
+indeterminate and switching tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import io
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import struct
+import sys
+import termios
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from rich.console import Console
+
+from progress_sse.client import Reconnecting, TaskEvent
+from progress_sse.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
+
+from .conftest import Server
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")
+
+# Variables that would change how the CLI draws or where it connects.
+_CLEAN = ("PROGRESS_SSE_URL", "PROGRESS_SSE_RETRY_FOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _CLEAN}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Run:
+    status: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.lines]
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    # The test server runs in this event loop: the CLI must be awaited, never run blocking.
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "progress_sse",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env or cli_env(),
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process, timeout: float = 60) -> Run:
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
+    return await finish(await spawn(*args, env=env), timeout)
+
+
+def base(server: Server) -> str:
+    return server.url("/")
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- against the real server and worker ------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_a_successful_task_exits_0_with_plain_lines_when_not_a_tty(server: Server) -> None:
+    task_id = await server.start_task("demo.count", n=5, delay=0.05)
+    # --after 0: the whole history, however late the subprocess starts.
+    run = await run_cli("watch", task_id, "--url", base(server), "--after", "0")
+    assert run.status == 0, run
+    lines = run.lines
+    assert lines[:3] == [f"task {task_id} (demo.count)", "queued", "started"]
+    progress = [line for line in lines if line.startswith("progress ")]
+    assert progress and progress[-1].startswith("progress 5/5 (100.0%) Processed 5 of 5"), lines
+    assert any(line.startswith("success 5/5 (100.0%)") for line in lines), lines
+    assert lines[-1] == 'result: {"processed": 5}'
+    # Lines, not a redraw: no carriage returns, no escape codes, no repeated line.
+    assert "\r" not in run.out and "\x1b" not in run.out
+    assert len(progress) == len(set(progress))
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_json_prints_one_event_per_line_with_increasing_cursors(server: Server) -> None:
+    task_id = await server.start_task("demo.count", n=4, delay=0.05)
+    run = await run_cli("watch", task_id, "--url", base(server), "--json", "--after", "0")
+    assert run.status == 0, run
+    events = run.json_lines()
+    assert [e["state"] for e in events] == ["queued", "started"] + ["progress"] * (len(events) - 3) + ["success"]
+    assert [e["current"] for e in events if e["state"] == "progress"][-1] == 4
+    assert {e["task_id"] for e in events} == {task_id}
+    cursors = [int(e["cursor"]) for e in events]
+    assert cursors == sorted(set(cursors)), cursors
+    assert events[-1]["state"] == "success" and events[-1]["result"] == {"processed": 4}
+    assert all(e["state"] != "success" for e in events[:-1])
+    assert events[-1]["cursor"] == str((await server.state(task_id))["cursor"])
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_a_failed_task_exits_1_and_prints_error_and_traceback(server: Server) -> None:
+    task_id = await server.start_task("demo.fail", after=2, delay=0.01)
+    run = await run_cli("watch", task_id, "--url", base(server))
+    assert run.status == 1, run
+    assert "failure RuntimeError: demo.fail gave up after 2 steps, as it was asked to" in run.lines, run.out
+    assert "Traceback (most recent call last):" in run.out
+    assert run.out.rstrip().endswith("RuntimeError: demo.fail gave up after 2 steps, as it was asked to")
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_a_cancelled_task_exits_2(server: Server) -> None:
+    task_id = await server.start_task("demo.count", n=400, delay=0.05)
+    proc = await spawn("watch", task_id, "--url", base(server), "--json")
+    assert proc.stdout is not None
+    seen: list[dict[str, Any]] = []
+    async with asyncio.timeout(30):
+        while not seen or seen[-1]["state"] != "progress":
+            line = await proc.stdout.readline()
+            assert line, "watch ended before any progress"
+            seen.append(json.loads(line))
+    async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
+        assert resp.status == 202
+    run = await finish(proc, timeout=30)
+    assert run.status == 2, run
+    last = json.loads(run.lines[-1])
+    assert last["state"] == "revoked" and last["task_id"] == task_id
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_retries_are_shown(server: Server) -> None:
+    task_id = await server.start_task("demo.flaky", failures=1, delay=0.05)
+    run = await run_cli("watch", task_id, "--url", base(server), "--after", "0")
+    assert run.status == 0, run
+    retries = [line for line in run.lines if line.startswith("retry #")]
+    assert retries and retries[0].startswith("retry #1: "), run.out
+    assert "refused attempt 1" in retries[0]
+    assert run.lines[-1] == 'result: {"attempts": 2}'
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_an_indeterminate_task_says_its_total_is_unknown(server: Server) -> None:
+    task_id = await server.start_task("demo.mystery", min_s=0.2, max_s=0.3)
+    run = await run_cli("watch", task_id, "--url", base(server), "--after", "0")
+    assert run.status == 0, run
+    assert "progress (total unknown) Working on something of unknown length" in run.lines, run.out
+    assert not any("%" in line for line in run.lines), run.out
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_watching_a_task_that_already_ended_gives_its_end_once(server: Server) -> None:
+    task_id = await server.start_task("demo.fail", after=0, delay=0)
+    first = await run_cli("watch", task_id, "--url", base(server), "--json")
+    assert first.status == 1
+    again = await run_cli("watch", task_id, "--url", base(server), "--json")
+    assert again.status == 1
+    assert [e["state"] for e in again.json_lines()] == ["failure"]
+
+
+@pytest.mark.e2e
+async def test_an_unknown_task_exits_3_with_the_servers_reason(server: Server) -> None:
+    run = await run_cli("watch", "00000000-0000-4000-8000-000000000000", "--url", base(server))
+    assert run.status == 3, run
+    assert run.out == ""
+    assert "There is no task '00000000-0000-4000-8000-000000000000'" in run.err
+
+
+async def test_an_unreachable_server_exits_3_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    run = await run_cli("watch", "some-task", "--url", f"http://127.0.0.1:{free_port()}")
+    assert run.status == 3, run
+    assert "cannot watch" in run.err and "127.0.0.1" in run.err
+    assert loop.time() - began < 20
+
+
+@pytest.mark.e2e
+async def test_the_url_comes_from_the_environment(server: Server) -> None:
+    # The server answers (404 for this id), so the URL was taken from PROGRESS_SSE_URL.
+    run = await run_cli("watch", "no-such-task", env=cli_env(PROGRESS_SSE_URL=base(server)))
+    assert run.status == 3 and "There is no task 'no-such-task'" in run.err, run
+
+
+async def test_bad_settings_stop_at_start_naming_them() -> None:
+    run = await run_cli("watch", "x", env=cli_env(PROGRESS_SSE_URL="localhost:8000"))
+    assert run.status == 2 and "PROGRESS_SSE_URL='localhost:8000' is not valid" in run.err, run
+    run = await run_cli("watch", "x", "--retry-for", "soon")
+    assert run.status == 2 and "--retry-for='soon' is not valid" in run.err, run
+
+
+async def test_help_explains_every_option_and_its_environment_variable() -> None:
+    run = await run_cli("watch", "--help")
+    assert run.status == 0
+    text = " ".join(run.out.split())
+    for needle in ("--url", "PROGRESS_SSE_URL", "http://localhost:8000", "--json", "cursor", "--retry-for", "--after"):
+        assert needle in text
+    assert "PROGRESS_SSE_RETRY_FOR" in text
+    assert "0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, 3" in text
+
+
+# --- under a pseudo-terminal: the live bar -------------------------------------------------
+
+
+async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None = None) -> tuple[int, str]:
+    """Run the CLI with a terminal as stdout; everything it wrote, escape codes and all.
+
+    With `interrupt_on`, Ctrl-C (SIGINT) is sent once that text has been written."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "progress_sse",
+        *args,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env(TERM="xterm-256color"),
+    )
+    os.close(slave)
+    os.set_blocking(master, False)
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    closed = asyncio.Event()
+
+    def readable() -> None:
+        try:
+            data = os.read(master, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the child's side of the terminal is gone
+            data = b""
+        if data:
+            chunks.append(data)
+            if interrupt_on is not None and interrupt_on.encode() in b"".join(chunks):
+                proc.send_signal(signal.SIGINT)
+        else:
+            loop.remove_reader(master)
+            closed.set()
+
+    loop.add_reader(master, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await closed.wait()
+            status = await proc.wait()
+    finally:
+        loop.remove_reader(master)
+        os.close(master)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return status, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_on_a_terminal_it_draws_a_live_bar_then_the_result(server: Server, output_dir: Any) -> None:
+    # Long enough (5 s) that the bar is drawn while the task runs, after the CLI's start-up.
+    task_id = await server.start_task("demo.count", n=50, delay=0.1)
+    status, raw = await run_in_pty("watch", task_id, "--url", base(server))
+    (output_dir / "watch-tty.txt").write_text(raw)
+    assert status == 0, raw
+    text = ANSI.sub("", raw).replace("\r", "\n")
+    assert f"task {task_id}" in text
+    # Redrawn in place (cursor movement and line erasing), not printed line by line.
+    assert "\x1b[2K" in raw or "\x1b[1A" in raw, raw
+    # A percent between 0 and 100 was on screen while the task ran, then the full bar.
+    partial = {float(m) for m in re.findall(r"(\d+\.\d)% \d+/50", text)}
+    assert any(0 < p < 100 for p in partial), text
+    assert "100.0% 50/50" in text
+    assert "━" in text
+    assert "demo.count succeeded" in text
+    assert '"processed": 50' in text
+
+
+async def test_ctrl_c_leaves_the_terminal_clean_and_exits_130(aiohttp_server: Any) -> None:
+    # A task that never ends: one progress event, then only the connection stays open.
+    done = asyncio.Event()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        payload = {"task_id": "t", "name": "demo.slow", "state": "progress", "current": 1, "total": 4, "percent": 25.0}
+        await resp.write(f"id: 1\nevent: progress\ndata: {json.dumps(payload)}\n\n".encode())
+        await done.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/tasks/{id}/events", events)
+    server = await aiohttp_server(app)
+    try:
+        status, raw = await run_in_pty("watch", "t", "--url", str(server.make_url("/")), interrupt_on="25.0% 1/4")
+    finally:
+        done.set()
+    assert status == 130, raw
+    assert "Traceback" not in raw
+    assert raw.rfind("\x1b[?25h") > raw.rfind("\x1b[?25l") >= 0  # the cursor is shown again
+
+
+# --- in-process: what the renderers show --------------------------------------------------
+
+
+def event(state: str, current: float = 0, total: float | None = None, ts: float = 100.0, **extra: Any) -> TaskEvent:
+    percent = None if total is None else round(100 * current / total, 2)
+    payload = {"task_id": "t", "name": "demo.x", "state": state, "current": current, "total": total}
+    payload.update(percent=percent, ts=ts, **extra)
+    return TaskEvent(state, payload, str(int(ts)))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_eta_and_elapsed_come_from_the_events_timestamps() -> None:
+    clock = FakeClock()
+    view = TaskView("t", clock)
+    view.apply(event("started", ts=100))
+    view.apply(event("progress", 2, 10, ts=101))
+    view.apply(event("progress", 4, 10, ts=102))
+    assert view.rate == pytest.approx(2.0)
+    assert view.eta() == pytest.approx(3.0)
+    assert view.elapsed() == pytest.approx(2.0)
+    clock.now += 1  # no event for a second: the ETA counts down, elapsed counts up
+    assert view.eta() == pytest.approx(2.0)
+    assert view.elapsed() == pytest.approx(3.0)
+    view.apply(event("success", 10, 10, ts=105, result=1))
+    clock.now += 50
+    assert view.elapsed() == pytest.approx(5.0)  # frozen at the end
+    assert view.eta() is None
+
+
+def test_a_burst_of_stored_events_keeps_the_tasks_real_pace() -> None:
+    # A resume delivers old events all at once; their ts, not arrival, set the rate.
+    view = TaskView("t", FakeClock())
+    for i in range(1, 11):
+        view.apply(event("progress", i, 100, ts=100 + i * 0.5))
+    assert view.rate == pytest.approx(2.0)
+    assert view.eta() == pytest.approx(45.0)
+
+
+def test_switching_to_indeterminate_drops_percent_and_eta() -> None:
+    view = TaskView("t", FakeClock())
+    view.apply(event("progress", 1, 4, ts=100))
+    view.apply(event("progress", 2, 4, ts=101))
+    assert view.determinate and view.figures() == "2/4 (50.0%)"
+    view.apply(event("progress", 3, None, ts=102, message="thinking"))
+    assert not view.determinate
+    assert view.figures() == "3 (total unknown)"
+    assert view.eta() is None
+
+
+def render(renderer: LiveRenderer) -> str:
+    out = Console(file=io.StringIO(), width=160, force_terminal=False, color_system=None)
+    out.print(renderer.progress.get_renderable())
+    return out.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_the_live_bar_is_a_spinner_while_indeterminate_and_a_bar_with_numbers_while_determinate() -> None:
+    screen = io.StringIO()
+    renderer = LiveRenderer("t", Console(file=screen, width=160, force_terminal=True, color_system=None))
+    with renderer:
+        renderer.event(event("started", ts=100))
+        renderer.event(event("progress", 0, None, ts=101, message="Thinking hard"))
+        row = render(renderer)
+        assert "Thinking hard" in row and "demo.x" in row and "0:00:01" in row
+        assert "%" not in row and "eta" not in row
+
+        renderer.event(event("progress", 3, 10, ts=102, message="Processed 3 of 10"))
+        renderer.event(event("progress", 4, 10, ts=103, message="Processed 4 of 10"))
+        row = render(renderer)
+        assert "40.0% 4/10" in row and "1.0/s" in row and "eta 0:00:06" in row and "Processed 4 of 10" in row
+
+        renderer.event(event("progress", 5, None, ts=104, message="Back to unknown"))
+        row = render(renderer)
+        assert "%" not in row and "5/?" in row and "Back to unknown" in row
+
+        renderer.event(event("retry", 5, None, ts=105, retries=1, message="ConnectionError: nope", eta=107.5))
+        renderer.reconnecting(Reconnecting(2, 1.5, "the server ended the stream"))
+        assert "reconnecting in 1.5 s (attempt 2)" in render(renderer)
+        renderer.event(event("success", 10, 10, ts=108, result={"processed": 10, "name": "café"}))
+        assert "100.0% 10/10" in render(renderer)
+    text = ANSI.sub("", screen.getvalue())
+    assert "↻ retry #1: ConnectionError: nope (next attempt in 2.5 s)" in text
+    assert "demo.x succeeded in 0:00:08" in text
+    assert '"processed": 10' in text and '"café"' in text
+
+
+def test_the_live_bar_prints_the_error_and_traceback_of_a_failure() -> None:
+    screen = io.StringIO()
+    renderer = LiveRenderer("t", Console(file=screen, width=120, force_terminal=True, color_system=None))
+    with renderer:
+        renderer.event(event("progress", 1, 2, ts=100))
+        error = {"type": "ValueError", "message": "bad [input]", "traceback": "Traceback (most recent call last):\n  x"}
+        renderer.event(event("failure", 1, 2, ts=101, error=error, message="bad [input]"))
+    text = ANSI.sub("", screen.getvalue())
+    # Square brackets are text, not rich markup.
+    assert "demo.x failed: ValueError: bad [input]" in text
+    assert "Traceback (most recent call last):\n  x" in text
+
+
+def test_plain_lines_one_per_change_and_no_repeats() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    renderer = PlainRenderer("t", out, err)
+    with renderer:
+        renderer.event(event("queued", ts=99))
+        renderer.event(event("started", ts=100))
+        renderer.event(event("progress", 1, 4, ts=101, message="one"))
+        renderer.event(event("progress", 1, 4, ts=101.5, message="one"))  # nothing new: no line
+        renderer.event(event("progress", 2, 4, ts=102, message="two"))
+        renderer.reconnecting(Reconnecting(1, 0.5, "boom"))
+        renderer.event(event("progress", 2, None, ts=103, message="who knows"))
+        renderer.event(event("revoked", 2, None, ts=104, reason="terminated", message="Task terminated"))
+    assert out.getvalue().splitlines() == [
+        "task t (demo.x)",
+        "queued",
+        "started",
+        "progress 1/4 (25.0%) one",
+        "progress 2/4 (50.0%) two [1.0/s, eta 0:00:02]",
+        "progress 2 (total unknown) who knows",  # a new total, a new pace: no rate yet
+        "revoked (terminated) Task terminated",
+    ]
+    assert err.getvalue() == "progress-sse: connection lost (boom); reconnecting in 0.5 s (attempt 1)\n"
+
+
+def test_the_renderer_follows_the_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    # FORCE_COLOR asks rich for colours; it must not turn a pipe into a redrawn bar.
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert isinstance(make_renderer("t", json_lines=False, out=io.StringIO()), PlainRenderer)
+    assert isinstance(make_renderer("t", json_lines=True, out=io.StringIO()), JsonRenderer)
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            assert isinstance(make_renderer("t", json_lines=False, out=tty), LiveRenderer)
+            monkeypatch.setenv("TERM", "dumb")
+            assert isinstance(make_renderer("t", json_lines=False, out=tty), PlainRenderer)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_json_lines_are_the_payload_plus_the_cursor() -> None:
+    out = io.StringIO()
+    with make_renderer("t", json_lines=True, out=out, err=io.StringIO()) as renderer:
+        renderer.event(event("progress", 1, 2, ts=100, message="caf\u00e9"))
+    line = out.getvalue()
+    assert line.endswith("\n") and line.isascii()
+    assert json.loads(line) == {**event("progress", 1, 2, ts=100, message="caf\u00e9").payload, "cursor": "100"}
+
+
+def test_control_characters_in_task_text_are_shown_escaped_never_sent_to_the_terminal() -> None:
+    out = io.StringIO()
+    with PlainRenderer("t", out, io.StringIO()) as renderer:
+        renderer.event(event("progress", 1, 2, ts=100, message="file \x1b[2Jname\nline two"))
+        error = {"type": "OSError", "message": "bad\x1b]0;pwned\x07", "traceback": "Traceback:\n  \x1b[31mred"}
+        renderer.event(event("failure", 1, 2, ts=101, error=error))
+    assert out.getvalue().splitlines() == [
+        "task t (demo.x)",
+        "progress 1/2 (50.0%) file \\x1b[2Jname\\nline two",
+        "failure OSError: bad\\x1b]0;pwned\\x07",
+        "Traceback:",
+        "  \\x1b[31mred",
+    ]
+    live = LiveRenderer("t", Console(file=io.StringIO(), width=160, force_terminal=False, color_system=None))
+    live.event(event("progress", 1, 2, ts=100, message="x\x1b[2Jy"))
+    row = render(live)
+    assert "\x1b" not in row and "x\\x1b[2Jy" in row
