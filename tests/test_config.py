@@ -248,3 +248,13 @@ def test_cli_flag_overrides_a_bad_environment_value(
     assert cli.main(["web", "--port", "8123"]) == 0
     assert [s.port for s in started] == [8123]
     assert "nope" not in capsys.readouterr().err
+
+
+def test_web_with_an_allow_list_that_does_not_import_stops_with_the_setting_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from progress_sse import cli
+
+    assert cli.main(["web", "--allowlist", "nowhere.at_all:TASKS", "--port", "8999"]) == 2
+    err = capsys.readouterr().err
+    assert "PROGRESS_SSE_ALLOWLIST='nowhere.at_all:TASKS'" in err and "cannot be loaded" in err

@@ -50,9 +50,11 @@ async def test_start_task_answers_202_with_links_and_queued_already_stored(
         "state": "queued",
         "status_url": f"/tasks/{task_id}",
         "events_url": f"/tasks/{task_id}/events",
+        "cursor": body["cursor"],
     }
     state = await idle.state(task_id)
     assert state["state"] == "queued" and state["name"] == "demo.count"
+    assert state["cursor"] == body["cursor"], "the 202's cursor is the queued event's"
     assert state["created_at"] and state["started_at"] is None
     assert queued_count(redis_client, settings) == (before[0] + 1, before[1] + 1)
 

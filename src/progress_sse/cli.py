@@ -49,11 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"progress-sse: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "web":
-        return _web(settings)
-    if args.command == "worker":
-        return _worker(settings, args.concurrency, rest)
-    return _dev(settings, args)
+    try:
+        if args.command == "web":
+            return _web(settings)
+        if args.command == "worker":
+            return _worker(settings, args.concurrency, rest)
+        return _dev(settings, args)
+    except ConfigError as exc:  # found while starting (an allow-list that does not import)
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--host", help="interface to listen on [env HOST; default 0.0.0.0]")
         p.add_argument("--port", help="port to listen on [env PORT; default 8000]")
         p.add_argument("--heartbeat", help="seconds between ': ping' comments [env PROGRESS_SSE_HEARTBEAT; default 15]")
+        p.add_argument(
+            "--allowlist",
+            help="package.module:ATTRIBUTE naming the AllowList of tasks POST /tasks may start "
+            "[env PROGRESS_SSE_ALLOWLIST; default: the demo tasks]",
+        )
 
     web = sub.add_parser("web", help="serve the HTTP API and the event streams (Procfile: web)")
     common(web)
@@ -330,6 +339,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "host": "HOST",
         "port": "PORT",
         "heartbeat": "PROGRESS_SSE_HEARTBEAT",
+        "allowlist": "PROGRESS_SSE_ALLOWLIST",
     }
     for attr, var in flags.items():
         value = getattr(args, attr, None)

@@ -176,7 +176,7 @@ async def start_task(request: web.Request) -> web.Response:
         raise error(web.HTTPUnprocessableEntity, f"{exc}.") from None
 
     task_id = str(uuid.uuid4())
-    await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
+    cursor = await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
     # url_for includes the prefix when this app is mounted as a sub-app.
     location = str(request.app.router["task"].url_for(task_id=task_id))
     return _json(
@@ -186,6 +186,8 @@ async def start_task(request: web.Request) -> web.Response:
             "state": State.QUEUED,
             "status_url": location,
             "events_url": f"{location}/events",
+            # The queued event's: a stream resumed from just before it shows every event.
+            "cursor": str(cursor),
         },
         status=202,
         headers={"Location": location},
@@ -209,11 +211,11 @@ async def _read_body(request: web.Request) -> bytes:
     return bytes(body)
 
 
-def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]) -> None:
+def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]) -> int | None:
     """Store `queued`, then publish; if publishing fails, forget the task again so
     nothing is left half-queued. Runs in a thread: both calls block."""
     publisher = app[PUBLISHER]
-    publisher.publish(make_event(task_id, name, State.QUEUED))
+    cursor = publisher.publish(make_event(task_id, name, State.QUEUED))
     try:
         app[CELERY].send_task(
             name,
@@ -228,6 +230,7 @@ def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]
             web.HTTPServiceUnavailable,
             "The task queue (Celery broker) is not answering; nothing was queued. Try again shortly.",
         ) from None
+    return cursor
 
 
 async def task_state(request: web.Request) -> web.Response:
