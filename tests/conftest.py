@@ -25,6 +25,8 @@ import redis
 
 from progress_sse.config import Settings
 from progress_sse.embedded import EmbeddedRedis, answers
+from progress_sse.keys import Keys
+from progress_sse.publisher import Publisher, sync_client
 from progress_sse.web import create_app
 
 TEST_DB = 13
@@ -75,6 +77,25 @@ def redis_client(settings: Settings) -> Iterator[redis.Redis]:
         keys = list(client.scan_iter(match=pattern, count=1000))
         if keys:
             client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
+    """Key names under a prefix of this test's own: its sequence and index hold only
+    its events. Its keys are deleted afterwards."""
+    prefix = f"{settings.key_prefix}-{uuid.uuid4().hex[:8]}"
+    yield Keys(prefix)
+    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    if found:
+        redis_client.delete(*found)
+
+
+@pytest.fixture
+def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
+    """The worker-side writer, on this test's keys."""
+    client = sync_client(settings.redis_url, name=f"pst-publisher-{uuid.uuid4().hex[:8]}")
+    yield Publisher(client, keys, history_ttl=600)
     client.close()
 
 

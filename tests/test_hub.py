@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from progress_sse.config import Settings
 from progress_sse.events import Frame, make_event
 from progress_sse.hub import Hub, HubUnavailable, Item, Signal, Watcher
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.store import Store
 
 from .conftest import wait_until
@@ -40,22 +40,6 @@ class HubUnderTest:
     hub: Hub
     client: aioredis.Redis
     name: str
-
-
-@pytest.fixture
-def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
-    prefix = f"{settings.key_prefix}-hub-{uuid.uuid4().hex[:8]}"
-    yield Keys(prefix)
-    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
-    if found:
-        redis_client.delete(*found)
-
-
-@pytest.fixture
-def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
-    client = sync_client(settings.redis_url, name=f"pst-hub-publisher-{uuid.uuid4().hex[:8]}")
-    yield Publisher(client, keys, history_ttl=600)
-    client.close()
 
 
 @pytest.fixture

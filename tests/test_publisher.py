@@ -27,15 +27,6 @@ UNREACHABLE_URL = "redis://127.0.0.1:1/0"
 
 
 @pytest.fixture
-def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
-    prefix = f"{settings.key_prefix}-pub-{uuid.uuid4().hex[:8]}"
-    yield Keys(prefix)
-    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
-    if found:
-        redis_client.delete(*found)
-
-
-@pytest.fixture
 def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
     client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
     yield Publisher(client, keys, history_ttl=600, history_max=1000)

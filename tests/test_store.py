@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,22 +22,6 @@ from progress_sse.events import Frame, make_event
 from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
 from progress_sse.store import Store, describe
-
-
-@pytest.fixture
-def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
-    prefix = f"{settings.key_prefix}-store-{uuid.uuid4().hex[:8]}"
-    yield Keys(prefix)
-    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
-    if found:
-        redis_client.delete(*found)
-
-
-@pytest.fixture
-def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
-    client = sync_client(settings.redis_url, name=f"pst-store-test-{uuid.uuid4().hex[:8]}")
-    yield Publisher(client, keys, history_ttl=600)
-    client.close()
 
 
 @pytest.fixture
