@@ -33,7 +33,7 @@ What it reports:
   every watcher and subscription is released once the streams have ended.
 
 Redis: database 14 by default, a random key prefix; only keys under that prefix are
-deleted at the end. Run: /work/venv/bin/python scripts/bench_fanout.py [--help]
+deleted at the end. Run: .venv/bin/python scripts/bench_fanout.py [--help]
 """
 
 from __future__ import annotations

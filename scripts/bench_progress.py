@@ -18,7 +18,7 @@ Correctness checks (exit status 1 if one fails): the number of stored progress
 events stays within the rate bound, and the last stored event carries the last
 value the loop reported (the flush before a terminal event works).
 
-Run: /work/venv/bin/python scripts/bench_progress.py [--help]
+Run: .venv/bin/python scripts/bench_progress.py [--help]
 """
 
 from __future__ import annotations
