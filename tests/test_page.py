@@ -308,3 +308,27 @@ async def test_page_survives_a_forced_server_restart_mid_task(server: Server, pa
     assert await page.page.locator(".connection").text_content() == "idle"
     # A killed server makes Chromium log the failed stream requests; they are expected here.
     page.forgive("net::ERR_")  # every request cut or refused by the kill
+
+
+async def test_page_reconnects_by_itself_after_error_responses(server: Server, page: Page) -> None:
+    """A 503 (as during a deploy) ends an EventSource for good; the page must come
+    back by itself, with backoff, and show that it is reconnecting meanwhile."""
+    refused: list[str] = []
+
+    async def deploy_in_progress(route: Any) -> None:
+        if len(refused) < 2:
+            refused.append(route.request.url)
+            await route.fulfill(status=503, content_type="application/json", body='{"error": "deploying"}')
+        else:
+            await route.continue_()
+
+    await page.page.route("**/events?*", deploy_in_progress)
+    await page.page.goto(server.url("/"))
+    task_id = await start_from_form(page, "demo.count", n=10, delay=0.2)
+    await page.page.locator(".connection", has_text="reconnecting").wait_for(timeout=10_000)
+    await page.wait_state(task_id, "success", timeout=30)
+    assert len(refused) == 2
+    streams = await page.streams()
+    assert len(streams["opened"]) == 3, "two refused, then one that worked"
+    assert await page.card(task_id).locator(".task-count").text_content() == "10 of 10"
+    page.forgive("503")
