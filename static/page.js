@@ -37,7 +37,10 @@ const groupOf = new Map(); // member task id -> group id
 const stream = watch(
   [],
   {
-    onEvent: (event) => (groupOf.has(event.task_id) ? showGroup(groupOf.get(event.task_id), event) : show(event)),
+    onEvent: (event) => {
+      show(event); // its own card, if it has one
+      if (groupOf.has(event.task_id)) showGroup(groupOf.get(event.task_id), event);
+    },
     onUnknown: ({ task_id }) => markUnknown(task_id),
     onStatus: (status) => {
       connection.dataset.status = status;
@@ -186,6 +189,8 @@ function followGroup(info) {
   for (const id of info.members) {
     groupOf.set(id, info.group_id);
     stream.add(id);
+    const known = cards.get(id)?.last; // a member already watched on its own
+    if (known) showGroup(info.group_id, known);
   }
   saveWatched();
 }
@@ -205,6 +210,15 @@ function removeCard(card) {
   cards.delete(card.id);
   card.node.remove();
   stream.remove(card.id);
+  const group = groups.get(card.id);
+  if (group) {
+    groups.delete(card.id);
+    for (const [member, groupId] of groupOf) {
+      if (groupId !== card.id) continue;
+      groupOf.delete(member);
+      if (!cards.has(member)) stream.remove(member);
+    }
+  }
   saveWatched();
   updateEmpty();
 }
@@ -272,7 +286,9 @@ function duration(seconds) {
 
 async function describeGroup(groupId) {
   const response = await fetch(`${base}/groups/${encodeURIComponent(groupId)}`, { headers: { Accept: "application/json" } });
-  return response.ok ? response.json() : null;
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error((await errorOf(response)) ?? `The server answered ${response.status}.`);
+  return response.json();
 }
 
 async function describe(taskId) {
@@ -428,13 +444,26 @@ async function loadRecent() {
   }
 }
 
+// What a watched id is now: { task }, { group }, null when the server no longer
+// knows it, or { unreachable } when it cannot say (a deploy, a network blip).
+async function lookup(id) {
+  try {
+    const task = await describe(id);
+    if (task) return { task };
+    const group = await describeGroup(id);
+    return group ? { group } : null;
+  } catch {
+    return { unreachable: true };
+  }
+}
+
 async function restore(ids) {
-  const infos = await Promise.all(
-    ids.map(async (id) => (await describe(id).catch(() => null)) ?? { group: await describeGroup(id).catch(() => null) }),
-  );
+  const found = await Promise.all(ids.map(lookup));
   ids.forEach((id, i) => {
-    if (infos[i].group) followGroup(infos[i].group);
-    else if (infos[i].group === undefined) follow(id, infos[i]);
+    const what = found[i];
+    if (what?.group) followGroup(what.group);
+    else if (what?.task) follow(id, what.task);
+    else if (what?.unreachable) follow(id, {}); // keep it: the stream tells its state once back
   });
   saveWatched();
 }

@@ -43,12 +43,16 @@ export function watch(taskIds = [], handlers = {}, options = {}) {
  * `options` are those of `watch`, plus its handlers (`onEvent`, `onSuccess`, …).
  */
 export function bindProgress(element, taskId, options = {}) {
-  const onEvent = options.onEvent;
+  const { onEvent, onUnknown } = options;
   return watch([taskId], {
     ...options,
     onEvent: (event) => {
       applyToProgress(element, event);
       onEvent?.(event);
+    },
+    onUnknown: (event) => {
+      element.value = 0; // nothing to show: stop the indeterminate animation
+      onUnknown?.(event);
     },
   }, options);
 }
@@ -95,6 +99,7 @@ export class Watch {
     this.tasks = new Map(); // id -> { state, lastId }
     this.cursor = null; // the highest event id seen: one cursor covers every task
     this.source = null;
+    this.streaming = new Set();
     this.timer = null;
     this.closed = false;
     this.status = "idle";
@@ -135,7 +140,9 @@ export class Watch {
 
   _track(taskId, seed = null) {
     const lastId = seed?.cursor != null ? Number(seed.cursor) : null;
-    this.tasks.set(taskId, { state: seed?.state ?? null, lastId });
+    // `covered`: the stream's cursor accounts for this task, because the stream
+    // delivered one of its frames. Until then a reopen asks for its current state.
+    this.tasks.set(taskId, { state: seed?.state ?? null, lastId, covered: false });
   }
 
   // Adds and removes made together reopen the stream once.
@@ -148,7 +155,9 @@ export class Watch {
   _open() {
     this.source?.close();
     this.source = null;
+    // At most 100 tasks per stream; the rest wait for a slot (see _receive).
     const ids = this.pending().slice(0, MAX_TASKS_PER_STREAM);
+    this.streaming = new Set(ids);
     if (ids.length === 0) {
       this._setStatus("idle");
       return;
@@ -157,12 +166,9 @@ export class Watch {
     for (const id of ids) params.append("task", id);
     if (this.cursor != null) {
       // Reopening: every event after the cursor, and the current state of the
-      // tasks the cursor does not cover yet (added since, or seeded older).
+      // tasks the cursor does not cover yet (added since, or not heard from).
       params.set("last_event_id", String(this.cursor));
-      for (const id of ids) {
-        const lastId = this.tasks.get(id).lastId;
-        if (lastId == null || lastId < this.cursor) params.append("fresh", id);
-      }
+      for (const id of ids) if (!this.tasks.get(id).covered) params.append("fresh", id);
     }
     const source = new EventSource(`${this.base}/events?${params}`, { withCredentials: this.withCredentials });
     this.source = source;
@@ -173,13 +179,10 @@ export class Watch {
     };
     source.onerror = () => {
       if (source !== this.source || this.closed) return;
-      if (source.readyState === EventSource.CLOSED) {
-        // An error response (a 503 during a deploy, say) ends an EventSource for
-        // good: come back by ourselves, later each time, with the cursor.
-        this._retry();
-      } else {
-        this._setStatus("reconnecting"); // the browser reconnects with Last-Event-ID
-      }
+      // Reconnect ourselves, whatever the browser would do: an error response (a
+      // 503 during a deploy) ends an EventSource for good, and the browser's own
+      // retry would reuse this URL, whose fresh= list is out of date by now.
+      this._retry();
     };
     for (const state of [...STATES, "unknown"]) {
       source.addEventListener(state, (message) => {
@@ -202,6 +205,7 @@ export class Watch {
     const event = JSON.parse(message.data);
     const task = this.tasks.get(event.task_id);
     if (!task) return;
+    task.covered = true;
     if (message.type === "unknown") {
       task.state = "unknown";
       this._call("onUnknown", event);
@@ -214,11 +218,14 @@ export class Watch {
       this._call("onEvent", event);
       this._call(HANDLER_FOR[event.state], event);
     }
-    if (this.pending().length === 0) {
+    const pending = this.pending();
+    if (pending.length === 0) {
       this.source?.close();
       this.source = null;
       this._setStatus("idle");
       this._call("onDone");
+    } else if (isDone(task.state) && pending.some((id) => !this.streaming.has(id))) {
+      this._schedule(); // a slot is free for a task waiting beyond the first 100
     }
   }
 

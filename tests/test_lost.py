@@ -41,13 +41,18 @@ async def test_reaper_marks_only_the_tasks_of_workers_without_a_heartbeat(
 ) -> None:
     client, keys, publisher = parts
     alive, gone = str(uuid.uuid4()), str(uuid.uuid4())
-    for task_id, host in ((alive, "celery@alive"), (gone, "celery@gone")):
+    restarted = str(uuid.uuid4())
+    for task_id, host, instance in (
+        (alive, "celery@alive", "one"),
+        (gone, "celery@gone", "one"),
+        (restarted, "celery@alive", "killed-before"),  # same hostname, an earlier life
+    ):
         publisher.publish(make_event(task_id, "demo.count", State.QUEUED))
         publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=3, total=9))
-        publisher.task_running(task_id, host)
-    publisher.worker_alive("celery@alive", ttl=30)
+        publisher.task_running(task_id, host, instance)
+    publisher.worker_alive("celery@alive", "one", ttl=30)
 
-    assert await reap_once(client, keys, publisher) == [gone]
+    assert sorted(await reap_once(client, keys, publisher)) == sorted([gone, restarted])
     lost = publisher.latest(gone)
     assert lost is not None
     assert (lost["state"], lost["current"], lost["total"]) == ("lost", 3, 9)
@@ -55,6 +60,11 @@ async def test_reaper_marks_only_the_tasks_of_workers_without_a_heartbeat(
     assert publisher.state(alive) == "progress"
     assert await client.hkeys(keys.running) == [alive]
     assert await reap_once(client, keys, publisher) == []  # nothing twice
+
+    publisher.worker_gone("celery@alive", "another-instance")  # not its heartbeat to remove
+    assert await client.exists(keys.worker("celery@alive"))
+    publisher.worker_gone("celery@alive", "one")
+    assert not await client.exists(keys.worker("celery@alive"))
 
 
 @pytest.mark.e2e

@@ -332,3 +332,86 @@ async def test_page_reconnects_by_itself_after_error_responses(server: Server, p
     assert len(streams["opened"]) == 3, "two refused, then one that worked"
     assert await page.card(task_id).locator(".task-count").text_content() == "10 of 10"
     page.forgive("503")
+
+
+async def load_client(page: Page, server: Server) -> None:
+    """The reusable client itself, imported into a page of the same origin."""
+    from progress_sse.pages import ASSETS
+
+    await page.page.goto(server.url(f"/tasks/{uuid.uuid4()}"))  # any page of the origin
+    page.forgive("404 (Not Found)")
+    url = server.url(f"/static/{server.app[ASSETS].version}/progress.js")
+    await page.page.evaluate(
+        """async (url) => {
+             window.client = await import(url);
+             window.calls = [];
+             window.record = (e) =>
+               window.calls.push(`${e.task_id.slice(0, 8)}:${e.state}${e.retries ? "#" + e.retries : ""}`);
+           }""",
+        url,
+    )
+
+
+async def calls_include(page: Page, entry: str) -> None:
+    await page.page.wait_for_function("(entry) => window.calls.includes(entry)", arg=entry, timeout=10_000)
+
+
+async def test_client_adding_tasks_repeats_and_loses_nothing(server: Server, page: Page, settings: Settings) -> None:
+    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    a, c, d = (str(uuid.uuid4()) for _ in range(3))
+    for state, extra in ((State.QUEUED, {}), (State.STARTED, {}), (State.RETRY, {"retries": 1}), (State.STARTED, {})):
+        publisher.publish(make_event(a, "demo.flaky", state, **extra))
+    await load_client(page, server)
+    await page.page.evaluate("(a) => { window.w = client.watch([a], { onEvent: record }); }", a)
+    await calls_include(page, f"{a[:8]}:started")
+    for task_id in (c, d):  # each add reopens the stream
+        publisher.publish(make_event(task_id, "demo.count", State.QUEUED))
+        await page.page.evaluate("(id) => w.add(id)", task_id)
+        await calls_include(page, f"{task_id[:8]}:queued")
+    publisher.publish(make_event(a, "demo.flaky", State.RETRY, retries=2))
+    publisher.publish(make_event(a, "demo.flaky", State.SUCCESS))
+    await calls_include(page, f"{a[:8]}:success")
+    publisher.client.close()
+    calls = await page.page.evaluate("() => window.calls")
+    assert calls == [f"{a[:8]}:started", f"{c[:8]}:queued", f"{d[:8]}:queued", f"{a[:8]}:retry#2", f"{a[:8]}:success"]
+
+
+async def test_client_streams_tasks_beyond_the_first_hundred_as_slots_free(
+    server: Server, page: Page, settings: Settings
+) -> None:
+    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    ids = [str(uuid.uuid4()) for _ in range(101)]
+    for task_id in ids:
+        publisher.publish(make_event(task_id, "demo.count", State.QUEUED))
+    await load_client(page, server)
+    await page.page.evaluate("(ids) => { window.w = client.watch(ids, { onEvent: record }); }", ids)
+    await calls_include(page, f"{ids[99][:8]}:queued")
+    assert f"{ids[100][:8]}:queued" not in await page.page.evaluate("() => window.calls"), "101st waits"
+    publisher.publish(make_event(ids[0], "demo.count", State.SUCCESS))  # frees a slot
+    await calls_include(page, f"{ids[100][:8]}:queued")
+    publisher.publish(make_event(ids[100], "demo.count", State.STARTED))
+    await calls_include(page, f"{ids[100][:8]}:started")
+    publisher.client.close()
+
+
+async def test_reload_while_the_server_cannot_answer_keeps_the_watched_tasks(
+    server: Server, page: Page, settings: Settings
+) -> None:
+    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    task_id = str(uuid.uuid4())
+    publisher.publish(make_event(task_id, "demo.count", State.QUEUED))
+    await page.page.goto(server.url("/"))
+    await page.page.evaluate("(id) => localStorage.setItem('progress-sse:watched', JSON.stringify([id]))", task_id)
+
+    async def deploying(route: Any) -> None:
+        await route.fulfill(status=503, content_type="application/json", body='{"error": "deploying"}')
+
+    await page.page.route(f"**/tasks/{task_id}", deploying)
+    await page.page.reload()
+    await page.card(task_id).wait_for()  # kept, not dropped as unknown
+    stored = await page.page.evaluate("() => JSON.parse(localStorage.getItem('progress-sse:watched'))")
+    assert stored == [task_id]
+    publisher.publish(make_event(task_id, "demo.count", State.SUCCESS, current=1, total=1))
+    publisher.client.close()
+    await page.wait_state(task_id, "success")  # the stream brings its state
+    page.forgive("503")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from progress_sse.config import Settings
 from progress_sse.pages import ASSETS, CSP, Assets, asset_dir, wants_html
 
 from .conftest import Server
@@ -105,3 +107,17 @@ async def test_fresh_task_on_a_resumed_stream_starts_from_its_current_state(serv
     # Sent with the stream's position, never an id below the cursor: a reconnect
     # from it must not repeat anything.
     assert int(str(got[0].id)) >= int(str(cursor))
+
+
+async def test_text_parameters_render_as_escaped_json_in_the_start_form(make_server: Any, settings: Settings) -> None:
+    from progress_sse.allowlist import AllowedTask, AllowList
+
+    def any_text(name: str, value: Any) -> Any:
+        return value
+
+    allowed = AllowList([AllowedTask("shop.export", {"fmt": (any_text, 'p"df'), "tags": (any_text, ["a"])})])
+    server: Server = await make_server(settings, allowlist=allowed)
+    async with server.session.get(server.url("/")) as resp:
+        html = await resp.text()
+    assert 'value="&#34;p\\&#34;df&#34;"' in html  # the JSON "p\"df", every quote escaped
+    assert 'value="[&#34;a&#34;]"' in html

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,10 @@ MAX_RESULT_BYTES = 64 * 1024
 _publisher: Publisher | None = None
 _worker_ttl = Settings().worker_ttl
 _heartbeat: _Heartbeat | None = None
+# This worker process's life: a worker restarted under the same hostname is another
+# instance, so the tasks the killed one was running are still found lost. Made at
+# import, in the parent, so the pool processes forked from it share it.
+_instance = uuid.uuid4().hex
 
 
 class _Heartbeat(threading.Thread):
@@ -50,7 +55,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.is_set():
             try:
-                self.publisher.worker_alive(self.hostname, self.ttl)
+                self.publisher.worker_alive(self.hostname, _instance, self.ttl)
             except Exception:
                 log.warning("progress-sse could not send the worker heartbeat", exc_info=True)
             self.stopped.wait(self.ttl / 3)
@@ -162,7 +167,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     if not getattr(request, "retries", 0):  # started_at is the first attempt's
         fields["started_at"] = event["ts"]
     if publisher.publish_quietly(event, **fields) is not None and fields["worker"]:
-        publisher.task_running(task_id, fields["worker"])
+        publisher.task_running(task_id, fields["worker"], _instance)
 
 
 @_never_raises
@@ -182,7 +187,7 @@ def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
         return
     _heartbeat.stopped.set()
     # Tasks a cold shutdown cut short are then marked lost at once, not after the TTL.
-    _heartbeat.publisher.worker_gone(_heartbeat.hostname)
+    _heartbeat.publisher.worker_gone(_heartbeat.hostname, _instance)
     _heartbeat = None
 
 

@@ -361,6 +361,8 @@ def _web(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         handler_cancellation=True,
+        # /events?task=…&task=… for 100 task ids runs past aiohttp's 8 KiB default.
+        handler_args={"max_line_size": 16 * 1024},
         shutdown_timeout=5,
         print=None,
     )

@@ -154,14 +154,17 @@ class Publisher:
         latest: dict[str, Any] = json.loads(raw)
         return latest
 
-    def worker_alive(self, hostname: str, ttl: int) -> None:
-        self.client.set(self.keys.worker(hostname), "1", ex=ttl)
+    def worker_alive(self, hostname: str, instance: str, ttl: int) -> None:
+        self.client.set(self.keys.worker(hostname), instance, ex=ttl)
 
-    def worker_gone(self, hostname: str) -> None:
-        self.client.delete(self.keys.worker(hostname))
+    def worker_gone(self, hostname: str, instance: str) -> None:
+        """Forget the heartbeat, unless another instance of the hostname took it over."""
+        key = self.keys.worker(hostname)
+        if self.client.get(key) in (instance, instance.encode()):
+            self.client.delete(key)
 
-    def task_running(self, task_id: str, hostname: str) -> None:
-        self.client.hset(self.keys.running, task_id, hostname)
+    def task_running(self, task_id: str, hostname: str, instance: str) -> None:
+        self.client.hset(self.keys.running, task_id, f"{hostname}|{instance}")
 
     def task_ended(self, task_id: str) -> None:
         self.client.hdel(self.keys.running, task_id)

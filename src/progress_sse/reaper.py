@@ -29,14 +29,21 @@ async def reap_once(client: aioredis.Redis, keys: Keys, publisher: Publisher) ->
     running = cast(dict[str, str], await client.hgetall(keys.running))
     if not running:
         return []
-    hosts = sorted(set(running.values()))
+    # Each entry is "hostname|instance": the task is lost once that hostname's
+    # heartbeat is gone, or belongs to another instance (the worker was restarted).
+    workers = {task_id: value.partition("|") for task_id, value in running.items()}
+    hosts = sorted({host for host, _, _ in workers.values()})
     pipe = client.pipeline(transaction=False)
     for host in hosts:
-        pipe.exists(keys.worker(host))
-    alive = dict(zip(hosts, await pipe.execute(), strict=True))
-    lost = [task_id for task_id, host in running.items() if not alive[host]]
+        pipe.get(keys.worker(host))
+    beating = dict(zip(hosts, await pipe.execute(), strict=True))
+    lost = [
+        task_id
+        for task_id, (host, _, instance) in workers.items()
+        if beating[host] is None or (instance and beating[host] != instance)
+    ]
     for task_id in lost:
-        await asyncio.to_thread(_mark_lost, publisher, task_id, running[task_id])
+        await asyncio.to_thread(_mark_lost, publisher, task_id, workers[task_id][0])
     return lost
 
 
