@@ -145,3 +145,42 @@ async def test_page_shows_a_group_as_one_bar_on_the_shared_stream(
         await page.screenshot("group-success")
         page.forgive("404 (Not Found)")  # the page asks /tasks/<id> first, then /groups/<id>
         assert page.errors == []
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+@pytest.mark.usefixtures("worker")
+async def test_a_member_keeps_its_own_card_and_a_dropped_group_releases_its_members(
+    server: Server, publisher_app: Celery, output_dir: Any
+) -> None:
+    from .browser import open_browser
+
+    count = publisher_app.signature("demo.count", kwargs={"n": 30, "delay": 0.1})
+    group_id = await start_group(publisher_app, count, count.clone())
+    async with server.session.get(server.url(f"/groups/{group_id}")) as resp:
+        first, second = (await resp.json())["members"]
+    shots = output_dir / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    async with open_browser(shots, "group-members") as page:
+        await page.page.goto(server.url("/"))
+        for watched in (first, group_id):  # a member on its own, then its group
+            await page.page.get_by_label("Task id").fill(watched)
+            await page.page.get_by_role("button", name="Observe").click()
+            await page.card(watched).wait_for()
+        await page.wait_state(group_id, "progress")
+
+        await page.card(group_id).get_by_role("button", name="Stop watching").click()
+        # The stream reopens with what is still watched: the member with its own card.
+        await page.page.wait_for_function(
+            """([keep, drop]) => {
+                 const last = window.__streams.opened.at(-1);
+                 return last.includes(keep) && !last.includes(drop);
+               }""",
+            arg=[first, second],
+            timeout=10_000,
+        )
+        await page.wait_state(first, "success", timeout=60)
+        assert await page.card(first).locator(".task-count").text_content() == "30 of 30"
+        assert await page.page.locator(".task").count() == 1
+        page.forgive("404 (Not Found)")  # /tasks/<group id> is asked first
+        assert page.errors == []
