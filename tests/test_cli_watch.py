@@ -264,8 +264,10 @@ async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None =
     loop = asyncio.get_running_loop()
     chunks: list[bytes] = []
     closed = asyncio.Event()
+    interrupted = False
 
     def readable() -> None:
+        nonlocal interrupted
         try:
             data = os.read(master, 65536)
         except BlockingIOError:
@@ -274,7 +276,8 @@ async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None =
             data = b""
         if data:
             chunks.append(data)
-            if interrupt_on is not None and interrupt_on.encode() in b"".join(chunks):
+            if not interrupted and interrupt_on is not None and interrupt_on.encode() in b"".join(chunks):
+                interrupted = True
                 proc.send_signal(signal.SIGINT)
         else:
             loop.remove_reader(master)

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What `watch` (and `start --watch`) exits with, by the task's terminal state.
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_CANCELLED, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 EXIT_STATUS = {"success": EXIT_SUCCESS, "failure": EXIT_FAILURE, "revoked": EXIT_CANCELLED, "lost": EXIT_CANCELLED}
 EXIT_HELP = (
     "exit status: 0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, "
@@ -247,9 +248,35 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # A message with characters the pipe's encoding lacks must not crash the watch.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return asyncio.run(_client_main(args, base_url, retry_for))
-    except KeyboardInterrupt:
-        return 130
+        return asyncio.run(_interruptible(_client_main(args, base_url, retry_for)))
+    except KeyboardInterrupt:  # Ctrl-C before the loop took SIGINT over
+        return EXIT_INTERRUPTED
+
+
+async def _interruptible(work: Coroutine[Any, Any, int]) -> int:
+    """Ctrl-C cancels the work (the live bar restores the terminal on its way out)
+    and exits 130. Left to asyncio.run, a KeyboardInterrupt can surface mid-cleanup
+    and kill the process by the signal instead."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if interrupted:
+            return EXIT_INTERRUPTED
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if interrupted:  # on the way out: a second Ctrl-C must not end in a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _base_url(flag: str | None) -> str:
