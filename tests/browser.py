@@ -83,11 +83,17 @@ class Page:
         self.shots = shots
         self.name = name
         self.errors: list[str] = []
+        self.forgiven: list[str] = []
         self.dialogs: list[str] = []
 
     def forgive(self, *fragments: str) -> None:
-        """Drop console errors a test caused on purpose (Chromium logs every failed request)."""
-        self.errors[:] = [e for e in self.errors if not any(f in e for f in fragments)]
+        """Drop console errors a test caused on purpose (Chromium logs every failed
+        request), including ones Chromium reports later, up to the end of the test."""
+        self.forgiven.extend(fragments)
+        self.errors[:] = self.unexpected_errors()
+
+    def unexpected_errors(self) -> list[str]:
+        return [e for e in self.errors if not any(f in e for f in self.forgiven)]
 
     async def screenshot(self, label: str) -> Path:
         path = self.shots / f"{self.name}--{label}.png"

@@ -40,7 +40,7 @@ async def page(request: pytest.FixtureRequest, output_dir: Path) -> AsyncIterato
     async with open_browser(shots, name) as browser_page:
         yield browser_page
     # No CSP violation, no script error, no alert from task text: on every page.
-    assert browser_page.errors == [], browser_page.errors
+    assert browser_page.unexpected_errors() == [], browser_page.errors
     assert browser_page.dialogs == []
 
 
