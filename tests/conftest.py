@@ -113,18 +113,23 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 class Worker:
-    """A real `progress-sse worker` (prefork pool) in a subprocess."""
+    """A real Celery worker (prefork pool) in a subprocess: `progress-sse worker` with
+    the demo tasks, or with `app`, plain `celery -A <app> worker` for a user's app."""
 
-    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 2) -> None:
+    def __init__(self, settings: Settings, log_path: Path, concurrency: int = 2, app: str | None = None) -> None:
         self.log_path = log_path
-        self.hostname = f"{settings.queue}@%h"
+        self.name = f"{settings.queue}-{uuid.uuid4().hex[:6]}"
+        self.hostname = f"{self.name}@%h"
         self._log = log_path.open("wb")
+        command = (
+            ["-m", "celery", "-A", app, "worker", f"--queues={settings.queue}"]
+            if app
+            else ["-m", "progress_sse", "worker"]
+        )
         self.process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "progress_sse",
-                "worker",
+                *command,
                 f"--concurrency={concurrency}",
                 "--pool=prefork",
                 f"--hostname={self.hostname}",
@@ -133,6 +138,7 @@ class Worker:
                 "--loglevel=INFO",
             ],
             env=worker_env(settings),
+            cwd=Path(__file__).resolve().parents[1],  # so `tests.apps…` imports
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: a test can kill it whole

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +24,7 @@ from progress_sse.allowlist import AllowedTask, AllowList, integer, number
 from progress_sse.celery_progress import celery_progress_json
 from progress_sse.config import Settings
 
-from .conftest import Server, worker_env
+from .conftest import Server, Worker, worker_env
 from .sse import SSEEvent, SSEReader
 
 pytestmark = pytest.mark.e2e
@@ -46,69 +42,6 @@ SHOP_TASKS = AllowList(
 )
 
 
-class ShopWorker:
-    """`celery -A tests.apps.shop worker` (prefork) in a subprocess. Its output is read
-    by a thread into a log file, which also says when the worker is ready."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.name = f"shop-{uuid.uuid4().hex[:8]}"
-        self.log_path = log_path
-        self._changed = threading.Event()  # set when it is ready or its output ends
-        self._ready = False
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tests.apps.shop",
-                "worker",
-                "--pool=prefork",
-                "--concurrency=2",
-                "-Q",
-                settings.queue,
-                "--without-gossip",
-                "--without-mingle",
-                "-n",
-                f"{self.name}@%h",
-                "--loglevel=INFO",
-            ],
-            cwd=ROOT,
-            env=worker_env(settings),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self._reader = threading.Thread(target=self._read, name="shop-worker-log", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        with self.process.stdout, self.log_path.open("wb") as log:
-            for line in self.process.stdout:
-                log.write(line)
-                log.flush()
-                if b" ready." in line:
-                    self._ready = True
-                    self._changed.set()
-        self._changed.set()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        if not self._changed.wait(timeout):
-            raise RuntimeError(f"shop worker not ready after {timeout}s:\n{self.log_path.read_text()}")
-        if not self._ready:
-            raise RuntimeError(f"shop worker exited:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # warm shutdown: its tasks have all ended
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._reader.join(5)
-
-
 @pytest.fixture(scope="module")
 def shop_settings(settings: Settings) -> Settings:
     # The shop's own queue, so neither the demo worker nor this one takes the other's tasks.
@@ -116,8 +49,8 @@ def shop_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def shop_worker(shop_settings: Settings, redis_client: redis.Redis, output_dir: Path) -> Iterator[ShopWorker]:
-    worker = ShopWorker(shop_settings, output_dir / "shop-worker.log")
+def shop_worker(shop_settings: Settings, redis_client: redis.Redis, output_dir: Path) -> Iterator[Worker]:
+    worker = Worker(shop_settings, output_dir / "shop-worker.log", app="tests.apps.shop")
     try:
         worker.wait_ready()
         yield worker
@@ -126,7 +59,7 @@ def shop_worker(shop_settings: Settings, redis_client: redis.Redis, output_dir: 
 
 
 @pytest.fixture
-async def shop(make_server: Callable[..., Any], shop_settings: Settings, shop_worker: ShopWorker) -> Server:
+async def shop(make_server: Callable[..., Any], shop_settings: Settings, shop_worker: Worker) -> Server:
     """The progress service for the shop: its allow-list, its queue."""
     server: Server = await make_server(shop_settings, allowlist=SHOP_TASKS)
     return server
@@ -185,7 +118,7 @@ CASES = [
 @pytest.mark.parametrize(("name", "kwargs", "total", "message", "result"), CASES)
 async def test_each_shop_task_streams_its_whole_life(
     shop: Server,
-    shop_worker: ShopWorker,
+    shop_worker: Worker,
     name: str,
     kwargs: dict[str, Any],
     total: int | None,
