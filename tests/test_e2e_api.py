@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from progress_sse.config import Settings
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
+from progress_sse.web import NO_WORKER
 
 from .conftest import Server
 
@@ -51,6 +53,8 @@ async def test_start_task_answers_202_with_links_and_queued_already_stored(
         "status_url": f"/tasks/{task_id}",
         "events_url": f"/tasks/{task_id}/events",
         "cursor": body["cursor"],
+        "workers": body["workers"],
+        **({"warning": body["warning"]} if body["workers"] == 0 else {}),
     }
     state = await idle.state(task_id)
     assert state["state"] == "queued" and state["name"] == "demo.count"
@@ -149,6 +153,63 @@ async def test_cancel_without_a_broker_still_cancels_waiting_tasks_and_says_so_f
     assert (await server.state(running))["state"] == "started"
 
 
+async def test_a_server_that_cannot_publish_says_why_instead_of_blaming_the_broker(
+    make_server: Any, settings: Settings, redis_client: redis.Redis
+) -> None:
+    # A transport that does not load stands for the import error of a missing dependency.
+    celery = Celery("broken", broker="nosuchtransport://localhost")
+    server: Server = await make_server(settings, celery=celery)
+    recent = redis_client.zcard(Keys(settings.key_prefix).recent)
+    async with server.session.post(server.url("/tasks"), json={"name": "demo.count"}) as resp:
+        assert resp.status == 500
+        error = (await resp.json())["error"]
+    assert "cannot queue tasks" in error and "nosuchtransport" in error and "nothing was queued" in error
+    assert "broker" not in error.lower(), "the broker is not at fault"
+    assert redis_client.zcard(Keys(settings.key_prefix).recent) == recent
+
+
+async def test_workers_are_counted_by_their_heartbeats(
+    make_server: Any, settings: Settings, keys: Keys, publisher: Publisher
+) -> None:
+    """/healthz and the 202 say how many workers are alive; with none, they say
+    that started tasks wait, and the answer is still 200/202 (the web is fine)."""
+    server: Server = await make_server(settings.with_(key_prefix=keys.prefix, queue=f"{settings.queue}-idle"))
+
+    async def health() -> dict[str, Any]:
+        async with server.session.get(server.url("/healthz")) as resp:
+            assert resp.status == 200
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    async def start() -> dict[str, Any]:
+        async with server.session.post(server.url("/tasks"), json={"name": "demo.count"}) as resp:
+            assert resp.status == 202
+            body: dict[str, Any] = await resp.json()
+            return body
+
+    assert (await health())["workers"] == 0
+    body = await start()
+    assert body["workers"] == 0 and body["warning"] == NO_WORKER
+
+    publisher.worker_alive("one@host", "i1", ttl=30)
+    publisher.worker_alive("two@host", "i2", ttl=30)
+    assert await health() == {"status": "ok", "redis": "ok", "workers": 2}
+    body = await start()
+    assert body["workers"] == 2 and "warning" not in body
+
+    publisher.worker_gone("one@host", "i1")  # a clean shutdown
+    publisher.client.delete(keys.worker("two@host"))  # what expiry does to a killed one's heartbeat
+    assert (await health())["workers"] == 0
+    assert publisher.client.smembers(keys.workers) == set(), "expired hostnames are pruned"
+
+
+@pytest.mark.usefixtures("worker")
+async def test_healthz_counts_a_real_worker(server: Server) -> None:
+    async with server.session.get(server.url("/healthz")) as resp:
+        body = await resp.json()
+    assert body["workers"] >= 1 and "warning" not in body, body
+
+
 async def test_unreachable_broker_gets_503_and_leaves_nothing_behind(
     make_server: Any, settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -196,10 +257,11 @@ async def test_recent_tasks_are_newest_first_and_limited(idle: Server) -> None:
     assert all(t["state"] == "queued" and t["name"] == "demo.count" for t in tasks)
 
 
-async def test_healthz_reports_redis(server: Server, make_server: Any, settings: Settings) -> None:
-    async with server.session.get(server.url("/healthz")) as resp:
+async def test_healthz_reports_redis(make_server: Any, settings: Settings) -> None:
+    alone: Server = await make_server(settings.with_(key_prefix=f"{settings.key_prefix}-alone"))
+    async with alone.session.get(alone.url("/healthz")) as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "redis": "ok"}
+        assert await resp.json() == {"status": "ok", "redis": "ok", "workers": 0, "warning": NO_WORKER}
     down: Server = await make_server(settings.with_(redis_url="redis://127.0.0.1:1/0"))
     async with down.session.get(down.url("/healthz")) as resp:
         assert resp.status == 503

@@ -48,6 +48,12 @@ class Keys:
         return f"{self.prefix}:worker:{{{hostname}}}"
 
     @property
+    def workers(self) -> str:
+        """Set: hostnames that have sent a heartbeat; each counts as alive only while
+        its `worker` key exists (reaper.live_workers prunes the rest)."""
+        return f"{self.prefix}:workers"
+
+    @property
     def running(self) -> str:
         """Hash: task id -> hostname of the worker running it."""
         return f"{self.prefix}:running"

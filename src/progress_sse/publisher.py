@@ -155,13 +155,19 @@ class Publisher:
         return latest
 
     def worker_alive(self, hostname: str, instance: str, ttl: int) -> None:
-        self.client.set(self.keys.worker(hostname), instance, ex=ttl)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.worker(hostname), instance, ex=ttl)
+        pipe.sadd(self.keys.workers, hostname)  # so the web can count workers without a SCAN
+        pipe.execute()
 
     def worker_gone(self, hostname: str, instance: str) -> None:
         """Forget the heartbeat, unless another instance of the hostname took it over."""
         key = self.keys.worker(hostname)
         if self.client.get(key) in (instance, instance.encode()):
-            self.client.delete(key)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(key)
+            pipe.srem(self.keys.workers, hostname)
+            pipe.execute()
 
     def task_running(self, task_id: str, hostname: str, instance: str) -> None:
         self.client.hset(self.keys.running, task_id, f"{hostname}|{instance}")

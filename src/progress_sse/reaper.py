@@ -47,6 +47,24 @@ async def reap_once(client: aioredis.Redis, keys: Keys, publisher: Publisher) ->
     return lost
 
 
+async def live_workers(client: aioredis.Redis, keys: Keys) -> int:
+    """How many workers' heartbeats are alive now (for /healthz and POST /tasks).
+
+    Hostnames whose heartbeat key has expired are pruned from the index on the way."""
+    hosts = sorted(cast(set[str], await client.smembers(keys.workers)))
+    if not hosts:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for host in hosts:
+        pipe.exists(keys.worker(host))
+    alive = await pipe.execute()
+    gone = [host for host, exists in zip(hosts, alive, strict=True) if not exists]
+    if gone:
+        # A worker that comes back meanwhile re-adds itself with its next beat.
+        await client.srem(keys.workers, *gone)
+    return len(hosts) - len(gone)
+
+
 def _mark_lost(publisher: Publisher, task_id: str, host: str) -> None:
     latest = publisher.latest(task_id) or {}
     event = make_event(

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from celery import Celery
+from kombu.exceptions import OperationalError
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
@@ -179,19 +180,27 @@ async def start_task(request: web.Request) -> web.Response:
     cursor = await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
     # url_for includes the prefix when this app is mounted as a sub-app.
     location = str(request.app.router["task"].url_for(task_id=task_id))
-    return _json(
-        {
-            "id": task_id,
-            "name": name,
-            "state": State.QUEUED,
-            "status_url": location,
-            "events_url": f"{location}/events",
-            # The queued event's: a stream resumed from just before it shows every event.
-            "cursor": str(cursor),
-        },
-        status=202,
-        headers={"Location": location},
-    )
+    answer = {
+        "id": task_id,
+        "name": name,
+        "state": State.QUEUED,
+        "status_url": location,
+        "events_url": f"{location}/events",
+        # The queued event's: a stream resumed from just before it shows every event.
+        "cursor": str(cursor),
+        **await _workers(request.app),
+    }
+    return _json(answer, status=202, headers={"Location": location})
+
+
+NO_WORKER = "No worker is running: started tasks wait in the queue."
+
+
+async def _workers(app: web.Application) -> dict[str, Any]:
+    """`workers` (live heartbeats), and a `warning` when there are none: a task
+    queued then waits, and its page would otherwise just sit at "queued"."""
+    count = await reaper.live_workers(app[REDIS], app[STORE].keys)
+    return {"workers": count, "warning": NO_WORKER} if count == 0 else {"workers": count}
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -223,12 +232,22 @@ def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]
             task_id=task_id,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
-    except Exception as exc:
+    except (OperationalError, OSError) as exc:  # kombu wraps connection failures in OperationalError
         log.warning("could not publish task %s (%s): %s", task_id, name, exc)
         publisher.discard(task_id)
         raise error(
             web.HTTPServiceUnavailable,
             "The task queue (Celery broker) is not answering; nothing was queued. Try again shortly.",
+        ) from None
+    except Exception as exc:
+        # Not the broker: this process cannot publish at all (a transport that fails
+        # to import, a bad broker URL). Say what it is instead of blaming the broker.
+        log.exception("could not publish task %s (%s)", task_id, name)
+        publisher.discard(task_id)
+        raise error(
+            web.HTTPInternalServerError,
+            f"This server cannot queue tasks ({type(exc).__name__}: {exc}); nothing was queued. "
+            "Its operator will find the details in the web process's log.",
         ) from None
     return cursor
 
@@ -373,8 +392,10 @@ async def healthz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
             await request.app[REDIS].ping()
+            workers = await _workers(request.app)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         body = {"status": "error", "redis": reason, "error": f"Redis is not answering ({reason})."}
         return _json(body, status=503)
-    return _json({"status": "ok", "redis": "ok"})
+    # No worker is not an error of this process: still 200, with the warning.
+    return _json({"status": "ok", "redis": "ok", **workers})
