@@ -22,7 +22,7 @@ from typing import Any
 from celery import Celery, signals
 
 from . import progress
-from .config import Settings
+from .config import Settings, is_redis_url
 from .events import State, dumps, finite_number, json_safe, make_event
 from .progress import Coalescer
 from .publisher import Publisher
@@ -69,20 +69,49 @@ def install(
 ) -> Publisher:
     """Stream the tasks of this process to Redis; idempotent. Returns the publisher.
 
-    Settings default to the environment (`REDIS_URL`, ...). Celery's signals are
-    process-wide, so every app in the process is covered; `app` is accepted so the
-    call reads naturally next to the app it serves.
+    Settings default to the environment (`REDIS_URL`, ...). Without `REDIS_URL`,
+    events go where the app's own broker is when that is a Redis: the place a user
+    expects, rather than a localhost default the web process may not read. Call it
+    after the app is configured (after `config_from_object`), so its broker is known.
+    Celery's signals are process-wide, so every app in the process is covered.
     """
     global _publisher, _worker_ttl
     if settings is None:
-        settings = Settings.from_env(os.environ)
+        settings = _settings_for(app)
     publisher = publisher or Publisher.from_settings(settings)
     _publisher = publisher
     _worker_ttl = settings.worker_ttl
     progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"{_UID}:{handler.__name__}")
+    log.info("progress-sse records events in %s", _where(publisher))
     return publisher
+
+
+def _settings_for(app: Celery | None) -> Settings:
+    settings = Settings.from_env(os.environ)
+    if os.environ.get("REDIS_URL", "").strip() or app is None:
+        return settings
+    broker = app.conf.broker_url
+    if isinstance(broker, list | tuple):  # failover brokers: the first is the primary
+        broker = broker[0] if broker else None
+    if isinstance(broker, str):
+        broker = broker.split(";", 1)[0].strip()
+        if is_redis_url(broker):
+            return settings.with_(redis_url=broker)
+    return settings
+
+
+def _where(publisher: Publisher) -> str:
+    """Where events go, for the one log line that makes a mismatch with the web visible."""
+    pool = publisher.client.connection_pool
+    kwargs = pool.connection_kwargs  # read back from the client: it never holds the password in view
+    if "path" in kwargs:
+        place = f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+    else:
+        scheme = "rediss" if pool.connection_class.__name__ == "SSLConnection" else "redis"
+        place = f"{scheme}://{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+    return f"{place} under the key prefix {publisher.keys.prefix!r}"
 
 
 def uninstall() -> None:
@@ -178,6 +207,8 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
         return
     _heartbeat = _Heartbeat(_publisher, str(hostname), _worker_ttl)
     _heartbeat.start()
+    # Said again now that the worker's logging is set up (install ran at import, before).
+    log.info("progress-sse: worker %s records events in %s", hostname, _where(_publisher))
 
 
 @_never_raises

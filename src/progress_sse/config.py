@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -62,6 +63,19 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the CLI's flags use it)."""
         return replace(self, **changes)
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked: for logs and start-up lines."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def is_redis_url(url: str) -> bool:
+    """A URL redis-py connects to (the broker URL may be another transport)."""
+    return urlsplit(url).scheme in ("redis", "rediss", "unix")
 
 
 def _get(environ: Mapping[str, str], key: str, parse: Callable[[str], _T], default: _T) -> _T:
