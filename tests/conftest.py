@@ -29,6 +29,8 @@ from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
 from progress_sse.web import create_app
 
+from .redis_cleanup import forget_run
+
 TEST_DB = 13
 
 
@@ -72,11 +74,9 @@ def settings(redis_url: str, run_id: str) -> Settings:
 def redis_client(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     yield client
-    # Only what this run made: its key prefix and its queue's keys.
-    for pattern in (f"{settings.key_prefix}*", f"{settings.queue}*", f"*{settings.queue}*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+    # Only what this run made: its keys, and its entries in kombu's shared tables.
+    assert settings.key_prefix == settings.queue, "one marker names everything the run makes"
+    forget_run(client, settings.key_prefix)
     client.close()
 
 
