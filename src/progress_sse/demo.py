@@ -49,7 +49,8 @@ DEMO_TASKS = AllowList(
             {"failures": (integer(0, 10), 2), "delay": (number(0, 600), 0.5)},
             description="retries `failures` times, then succeeds",
         ),
-    ]
+    ],
+    title="Start a demo task",
 )
 
 STAGES = ("Fetching", "Parsing", "Indexing", "Publishing")
