@@ -10,6 +10,7 @@ import importlib.util
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,10 +52,14 @@ def _free_port() -> int:
 
 
 class EmbeddedRedis:
-    """`with EmbeddedRedis(workdir) as url:` runs a throwaway Redis on a free port."""
+    """`with EmbeddedRedis() as url:` runs a throwaway Redis on a free port.
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
-        self.workdir = workdir
+    Without a `workdir` it makes a temporary one and removes it on `stop()` (and
+    `cleanup()`), so repeated dev runs leave nothing behind in /tmp."""
+
+    def __init__(self, workdir: Path | None = None, *, port: int | None = None) -> None:
+        self._owns_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="progress-sse-redis-"))
         self.port = port or _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -62,32 +67,38 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> str:
+    def command(self, *, logfile: str | None = None) -> list[str]:
+        """The server's command line; `logfile=""` logs to stdout (for a supervisor
+        that shows it). Nothing is saved to disk: the data is disposable."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                str(redis_server_binary()),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        return [
+            str(redis_server_binary()),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.workdir / "redis.log") if logfile is None else logfile,
+        ]
+
+    def answers(self) -> bool:
+        return answers("127.0.0.1", self.port)
+
+    def start(self) -> str:
+        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not answers("127.0.0.1", self.port):
+        while not self.answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
+                log_file = self.workdir / "redis.log"
+                log = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
                 self.stop()
-                raise EmbeddedRedisError(f"the embedded Redis did not start; see {self.workdir / 'redis.log'}")
+                raise EmbeddedRedisError(f"the embedded Redis did not start:\n{log}")
             time.sleep(0.05)
         return self.url
 
@@ -100,6 +111,12 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove the working directory if this object made it."""
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> str:
         return self.start()
