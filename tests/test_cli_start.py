@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import sys
 from typing import Any
 
 import pytest
@@ -12,7 +15,7 @@ from aiohttp import web
 from progress_sse.cli import _json_or_string, _keyword
 
 from .conftest import Server, wait_until
-from .test_cli_watch import UUID, base, free_port, run_cli
+from .test_cli_watch import UUID, base, cancel_quietly, cli_env, finish, free_port, pipe_to_head, run_cli, task_of
 
 
 @pytest.mark.parametrize(
@@ -148,6 +151,39 @@ async def test_start_watch_exits_with_the_watch_status(server: Server) -> None:
     assert UUID.search(lines[0]) and lines[1] == "queued" and lines[-1] == 'result: {"processed": 2}', lines
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("mode", [[], ["--json"]], ids=["plain", "json"])
+async def test_start_watch_into_head_1_exits_141_quietly(server: Server, mode: list[str]) -> None:
+    # 20 s of progress lines: the watch is still writing when head has gone.
+    args = ["start", "demo.count", "--kw", "n=400", "--kw", "delay=0.05", "--watch", *mode, "--url", base(server)]
+    run, shown = await pipe_to_head(*args)
+    await cancel_quietly(server, task_of(shown))
+    assert (run.status, run.err) == (141, ""), run
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_start_into_a_closed_pipe_exits_141_quietly(server: Server) -> None:
+    # The reader is gone before the id is printed, so that very print meets the broken pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "progress_sse",
+            *("start", "demo.count", "--kw", "n=1", "--kw", "delay=0", "--url", base(server)),
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+            env=cli_env(),
+        )
+    finally:
+        os.close(write_end)
+    run = await finish(proc, timeout=30)
+    assert (run.status, run.err) == (141, ""), run
+
+
 async def test_an_unreachable_server_exits_3() -> None:
     run = await run_cli("start", "demo.count", "--url", f"http://127.0.0.1:{free_port()}")
     assert run.status == 3, run
@@ -170,3 +206,4 @@ async def test_help_explains_every_option() -> None:
     for needle in ("--arg", "--kw", "--kw n=20 sends 20", "--watch", "--url", "PROGRESS_SSE_URL", "exits 3"):
         assert needle in text, needle
     assert "PROGRESS_SSE_RETRY_FOR" in text
+    assert "130 interrupted by Ctrl-C (the task keeps running), 141 stdout was closed early" in text

@@ -1,8 +1,9 @@
 """`progress-sse watch`, run for real: a subprocess against the real server and worker.
 
 Exit statuses, `--json`, plain lines without a TTY, the live bar under a pseudo-
-terminal; and, in-process, what the bar and the lines show for determinate,
-indeterminate and switching tasks.
+terminal, Ctrl-C typed into that terminal, a reader that stops early (`| head -1`);
+and, in-process, what the bar and the lines show for determinate, indeterminate
+and switching tasks.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import json
 import os
 import pty
 import re
+import shlex
 import signal
 import socket
 import struct
 import sys
 import termios
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,7 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
+from progress_sse.cli import _stopped_watching
 from progress_sse.client import Reconnecting, TaskEvent
 from progress_sse.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
 
@@ -79,7 +83,7 @@ async def finish(proc: asyncio.subprocess.Process, timeout: float = 60) -> Run:
         await proc.wait()
         raise
     assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return Run(proc.returncode, (out or b"").decode(), (err or b"").decode())
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Run:
@@ -88,6 +92,12 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
 
 def base(server: Server) -> str:
     return server.url("/")
+
+
+async def cancel_quietly(server: Server, task_id: str) -> None:
+    """Cancel a long test task so it does not hold a worker process; it may have ended."""
+    async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
+        assert resp.status in (202, 409), await resp.text()
 
 
 def free_port() -> int:
@@ -238,17 +248,76 @@ async def test_help_explains_every_option_and_its_environment_variable() -> None
         assert needle in text
     assert "PROGRESS_SSE_RETRY_FOR" in text
     assert "0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, 3" in text
+    assert "130 interrupted by Ctrl-C (the task keeps running), 141 stdout was closed early" in text
+
+
+# --- a reader that stops early: `progress-sse watch … | head -1` ---------------------------
+
+
+async def pipe_to_head(*args: str) -> tuple[Run, str]:
+    """Run the CLI with its stdout piped into a real `head -n 1`, which exits after one
+    line. The CLI's run (its stderr; its stdout went to head) and what head printed."""
+    read_end, write_end = os.pipe()
+    try:
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "progress_sse", *args, stdout=write_end, stderr=asyncio.subprocess.PIPE, env=cli_env()
+        )
+        head = await asyncio.create_subprocess_exec("head", "-n", "1", stdin=read_end, stdout=asyncio.subprocess.PIPE)
+    finally:
+        # Head alone holds the read end: once it exits, the CLI's next write has no reader.
+        os.close(read_end)
+        os.close(write_end)
+    shown, _ = await asyncio.wait_for(head.communicate(), 30)
+    run = await finish(cli, timeout=30)
+    return run, shown.decode()
+
+
+def task_of(first_line: str) -> str:
+    """The task id in the first line of any output mode: `task <id> (name)` or a JSON event."""
+    if first_line.startswith("{"):
+        return str(json.loads(first_line)["task_id"])
+    match = UUID.search(first_line)
+    assert match, first_line
+    return match.group()
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("mode", [[], ["--json"]], ids=["plain", "json"])
+async def test_watch_into_head_1_exits_141_quietly(server: Server, mode: list[str]) -> None:
+    # 20 s of progress lines: the watch is still writing when head has gone.
+    task_id = await server.start_task("demo.count", n=400, delay=0.05)
+    try:
+        run, shown = await pipe_to_head("watch", task_id, "--url", base(server), *mode)
+    finally:
+        await cancel_quietly(server, task_id)
+    assert task_of(shown) == task_id and shown.count("\n") == 1, shown
+    # No traceback, no "Exception ignored … BrokenPipeError" at exit, not "failure" (1).
+    assert (run.status, run.err) == (141, ""), run
 
 
 # --- under a pseudo-terminal: the live bar -------------------------------------------------
 
 
-async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None = None) -> tuple[int, str]:
-    """Run the CLI with a terminal as stdout; everything it wrote, escape codes and all.
+def _take_terminal() -> None:
+    """In the child: make the pty on stdin its controlling terminal, in a session of its
+    own, so a Ctrl-C typed into the pty reaches it as the tty driver sends it."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    With `interrupt_on`, Ctrl-C (SIGINT) is sent once that text has been written."""
+
+PTY_WIDTH = 160
+
+
+async def run_in_pty(
+    *args: str, timeout: float = 60, interrupt_on: str | None = None, width: int = PTY_WIDTH
+) -> tuple[int, str]:
+    """Run the CLI with a terminal as stdin, stdout and stderr; everything the terminal
+    showed, escape codes and all.
+
+    With `interrupt_on`, Ctrl-C is typed into the terminal once that text has been
+    written: the tty driver then echoes `^C` and sends SIGINT, as for a person."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, width, 0, 0))
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -258,6 +327,8 @@ async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None =
         stdout=slave,
         stderr=slave,
         env=cli_env(TERM="xterm-256color"),
+        start_new_session=True,
+        preexec_fn=_take_terminal,
     )
     os.close(slave)
     os.set_blocking(master, False)
@@ -278,7 +349,7 @@ async def run_in_pty(*args: str, timeout: float = 60, interrupt_on: str | None =
             chunks.append(data)
             if not interrupted and interrupt_on is not None and interrupt_on.encode() in b"".join(chunks):
                 interrupted = True
-                proc.send_signal(signal.SIGINT)
+                os.write(master, b"\x03")  # Ctrl-C
         else:
             loop.remove_reader(master)
             closed.set()
@@ -318,14 +389,71 @@ async def test_on_a_terminal_it_draws_a_live_bar_then_the_result(server: Server,
     assert '"processed": 50' in text
 
 
-async def test_ctrl_c_leaves_the_terminal_clean_and_exits_130(aiohttp_server: Any) -> None:
-    # A task that never ends: one progress event, then only the connection stays open.
+CSI = re.compile(r"\x1b\[([0-9;?]*)[ -/]*([@-~])")
+
+
+def screen(raw: str, width: int = PTY_WIDTH) -> list[str]:
+    """The lines a terminal `width` columns wide shows once `raw` is written to it.
+
+    Just enough of a VT100 for what rich and the tty driver write: text, with the
+    cursor held at the right margin until the next character wraps (as xterm does),
+    CR, LF, cursor up (CSI n A) and erase line (CSI 2 K). Other escape codes
+    (colours, showing the cursor) change no text."""
+    rows: list[list[str]] = [[]]
+    row = col = 0
+    wrap_pending = False
+    i = 0
+    while i < len(raw):
+        if code := CSI.match(raw, i):
+            params, final = code.groups()
+            if final == "A":
+                row, wrap_pending = max(0, row - int(params or 1)), False
+            elif final == "K" and params == "2":
+                rows[row] = []
+            i = code.end()
+            continue
+        char, i = raw[i], i + 1
+        if char == "\r":
+            col, wrap_pending = 0, False
+        elif char == "\n":
+            row, wrap_pending = row + 1, False
+        elif char >= " ":
+            if wrap_pending:
+                row, col, wrap_pending = row + 1, 0, False
+            while len(rows) <= row:
+                rows.append([])
+            line = rows[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = char
+            col, wrap_pending = (col, True) if col == width - 1 else (col + 1, False)
+        while len(rows) <= row:
+            rows.append([])
+    lines = ["".join(r).rstrip() for r in rows]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def test_the_screen_wraps_at_the_margin_and_redraws_in_place() -> None:
+    # The emulator the Ctrl-C tests rely on: a full row leaves the next character for the next line.
+    assert screen("abcd^C\r\x1b[2Kabcd\r\n", width=4) == ["abcd", "abcd"]
+    assert screen("abc^C\r\x1b[2Kabc\r\n", width=5) == ["abc"]
+    assert screen("one\r\ntwo\x1b[1A\r\x1b[2Kuno\r\n\n\x1b[31mred\x1b[0m", width=10) == ["uno", "two", "red"]
+
+
+ENDLESS = {"task_id": "t", "name": "demo.slow", "state": "progress", "current": 1, "total": 4, "percent": 25.0}
+
+
+@pytest.fixture
+async def endless_task(aiohttp_server: Any) -> AsyncIterator[str]:
+    """The URL of a server whose task `t` never ends: one progress event, then the
+    stream stays open."""
     done = asyncio.Event()
 
     async def events(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        payload = {"task_id": "t", "name": "demo.slow", "state": "progress", "current": 1, "total": 4, "percent": 25.0}
+        payload = {**ENDLESS, "message": "Processing one"}
         await resp.write(f"id: 1\nevent: progress\ndata: {json.dumps(payload)}\n\n".encode())
         await done.wait()
         return resp
@@ -333,13 +461,83 @@ async def test_ctrl_c_leaves_the_terminal_clean_and_exits_130(aiohttp_server: An
     app = web.Application()
     app.router.add_get("/tasks/{id}/events", events)
     server = await aiohttp_server(app)
-    try:
-        status, raw = await run_in_pty("watch", "t", "--url", str(server.make_url("/")), interrupt_on="25.0% 1/4")
-    finally:
-        done.set()
+    yield str(server.make_url("/"))
+    done.set()
+
+
+async def test_ctrl_c_leaves_the_row_once_and_says_how_to_cancel(endless_task: str) -> None:
+    url = endless_task
+    status, raw = await run_in_pty("watch", "t", "--url", url, interrupt_on="25.0% 1/4")
     assert status == 130, raw
     assert "Traceback" not in raw
     assert raw.rfind("\x1b[?25h") > raw.rfind("\x1b[?25l") >= 0  # the cursor is shown again
+    assert "^C" in raw  # the terminal echoed it: what follows must cope with that
+    shown = screen(raw)
+    assert [line for line in shown if "25.0% 1/4" in line] == [shown[1]], shown  # the row, once
+    # Whole: spinner (whichever frame), name, bar, figures, message.
+    assert re.fullmatch(r". demo\.slow ━+╸?━* +25\.0% 1/4 .* Processing one", shown[1]), shown
+    assert shown == [
+        "task t",
+        shown[1],
+        f"Stopped watching. Task t keeps running; cancel it with: progress-sse cancel t --url {url}",
+    ]
+
+
+async def test_ctrl_c_on_a_terminal_without_the_bar_writes_the_note_over_the_echo(endless_task: str) -> None:
+    # --json on a terminal: lines, no redraw that would wipe the `^C`.
+    status, raw = await run_in_pty("watch", "t", "--url", endless_task, "--json", interrupt_on='"cursor": "1"}')
+    assert status == 130, raw
+    assert "^C" in raw
+    line, note = screen(raw)
+    assert json.loads(line)["percent"] == 25.0
+    assert note == f"Stopped watching. Task t keeps running; cancel it with: progress-sse cancel t --url {endless_task}"
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_after_ctrl_c_the_command_it_shows_cancels_the_task(server: Server) -> None:
+    task_id = await server.start_task("demo.count", n=400, delay=0.05)
+    try:
+        # Wide enough for the note, two task ids long, on one line.
+        status, raw = await run_in_pty("watch", task_id, "--url", base(server), interrupt_on="/400", width=300)
+        assert status == 130, raw
+        assert (await server.state(task_id))["state"] == "progress", "Ctrl-C stops the watch, not the task"
+        note = screen(raw, width=300)[-1]
+        assert note.startswith(f"Stopped watching. Task {task_id} keeps running; cancel it with: "), note
+        command = shlex.split(note.partition("cancel it with: ")[2])
+        assert command[:2] == ["progress-sse", "cancel"], command
+        run = await run_cli(*command[1:])
+    finally:
+        await cancel_quietly(server, task_id)
+    assert (run.status, run.out) == (0, f"cancelled {task_id} (revoked)\n"), run
+    assert (await server.state(task_id))["state"] == "revoked"
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_ctrl_c_without_a_terminal_says_the_same_on_stderr(server: Server) -> None:
+    task_id = await server.start_task("demo.count", n=400, delay=0.05)
+    try:
+        proc = await spawn("watch", task_id, "--json", env=cli_env(PROGRESS_SSE_URL=base(server)))
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            while json.loads(await proc.stdout.readline())["state"] != "progress":
+                pass
+        proc.send_signal(signal.SIGINT)
+        run = await finish(proc, timeout=30)
+    finally:
+        await cancel_quietly(server, task_id)
+    assert run.status == 130, run
+    # The URL came from the environment, so the command needs no --url; no \r off a terminal.
+    assert run.err == f"Stopped watching. Task {task_id} keeps running; cancel it with: progress-sse cancel {task_id}\n"
+    assert all(json.loads(line)["task_id"] == task_id for line in run.lines)  # no line cut short
+
+
+def test_the_note_after_ctrl_c_never_says_an_ended_task_keeps_running(capsys: pytest.CaptureFixture[str]) -> None:
+    _stopped_watching("t-1", "success", "http://x/")
+    assert capsys.readouterr().err == "Stopped watching. Task t-1 had already ended (success).\n"
+    _stopped_watching("odd id; rm -rf", None, "http://x/")  # quoted, ready to paste
+    assert capsys.readouterr().err.endswith("cancel it with: progress-sse cancel 'odd id; rm -rf' --url http://x/\n")
 
 
 # --- in-process: what the renderers show --------------------------------------------------

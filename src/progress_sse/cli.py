@@ -1,7 +1,7 @@
-"""`progress-sse web | worker | dev | watch | start`.
+"""`progress-sse web | worker | dev | watch | start | cancel`.
 
 `web`, `worker` and `dev` are the Procfile's processes and the one-command run.
-`watch` and `start` are clients of a running server's HTTP API (docs/cli.md).
+`watch`, `start` and `cancel` are clients of a running server's HTTP API (docs/cli.md).
 
 Every option falls back to its environment variable, so the Procfile lines need no
 flags on a platform that sets `PORT` and `REDIS_URL`. Invalid configuration stops
@@ -17,19 +17,18 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .config import ConfigError, Settings
+from .config import ConfigError, Settings, redacted
+from .embedded import EmbeddedRedisError
 
 if TYPE_CHECKING:
-    # The client modules import aiohttp and rich: only `watch` and `start` pay for that.
+    # The client modules import aiohttp and rich: only `watch`, `start` and `cancel` pay for that.
     import aiohttp
 
     from .client import RetryPolicy
@@ -40,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command != "worker" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command in ("watch", "start"):
+    if args.command in ("watch", "start", "cancel"):
         # Clients of a server: they need no Redis settings, and log nothing.
         return _client(parser, args)
     try:
@@ -58,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # found while starting (an allow-list that does not import)
         print(f"progress-sse: {exc}", file=sys.stderr)
         return 2
+    except EmbeddedRedisError as exc:
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,10 +119,22 @@ def _parser() -> argparse.ArgumentParser:
 # What `watch` (and `start --watch`) exits with, by the task's terminal state.
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_CANCELLED, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+# 128 + SIGPIPE: what a shell reports for `yes | head -1`, a program whose reader went
+# away. Not 0: `watch` did not see how the task ended, and 0 would say it succeeded.
+EXIT_BROKEN_PIPE = 141
+# What `cancel` exits with besides 0 (cancelled) and 3: nothing was cancelled, the task
+# had already ended. Not 0, so a script learns that the task's work may have been done.
+EXIT_NOT_CANCELLED = 1
 EXIT_STATUS = {"success": EXIT_SUCCESS, "failure": EXIT_FAILURE, "revoked": EXIT_CANCELLED, "lost": EXIT_CANCELLED}
 EXIT_HELP = (
     "exit status: 0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, "
-    "3 the server cannot be reached or does not know the task (2 is also argparse's usage error)"
+    "3 the server cannot be reached or does not know the task (2 is also argparse's usage error), "
+    "130 interrupted by Ctrl-C (the task keeps running), 141 stdout was closed early, as by `| head -1`"
+)
+CANCEL_HELP = (
+    "exit status: 0 cancelled, 1 not cancelled because the task had already ended (stderr says how), "
+    "3 the server cannot be reached, does not know the task, or could not cancel it "
+    "(2 is argparse's usage error), 141 stdout was closed early"
 )
 URL_ENV, DEFAULT_URL = "PROGRESS_SSE_URL", "http://localhost:8000"
 RETRY_ENV, DEFAULT_RETRY_FOR = "PROGRESS_SSE_RETRY_FOR", 60.0
@@ -201,6 +215,16 @@ def _client_parsers(sub: Any) -> None:
     url(start)
     watching(start)
 
+    cancel = sub.add_parser(
+        "cancel",
+        help="cancel (revoke) a task through the server",
+        description="Sends DELETE <url>/tasks/<id>: a queued task will not run, a running one is terminated. "
+        "Prints 'cancelled <id> (revoked)' on stdout; anything else goes to stderr.",
+        epilog=CANCEL_HELP,
+    )
+    cancel.add_argument("task_id", metavar="TASK_ID", help="the task's id, as `progress-sse start` prints it")
+    url(cancel)
+
 
 def _json_or_string(text: str) -> Any:
     """JSON when the text is JSON, else the text itself.
@@ -240,7 +264,8 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error("--json and --retry-for apply to --watch; add --watch or leave them out")
     try:
         base_url = _base_url(args.url)
-        retry_for = _retry_for(args.retry_for)
+        # Only a watch reconnects: `cancel` reads no PROGRESS_SSE_RETRY_FOR that could stop it.
+        retry_for = _retry_for(args.retry_for) if args.command != "cancel" else DEFAULT_RETRY_FOR
     except ConfigError as exc:
         print(f"progress-sse: {exc}", file=sys.stderr)
         return 2
@@ -251,6 +276,23 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return asyncio.run(_interruptible(_client_main(args, base_url, retry_for)))
     except KeyboardInterrupt:  # Ctrl-C before the loop took SIGINT over
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """stdout's reader is gone (`| head -1`): end quietly with 141, as a program that
+    SIGPIPE ends would. Python ignores SIGPIPE, so the write raised instead of ending
+    us. At exit Python flushes stdout once more: anything still buffered would meet
+    the broken pipe again and print "Exception ignored … BrokenPipeError". With
+    stdout pointed at /dev/null, that flush has somewhere to go."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (an embedding caller's stream)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 async def _interruptible(work: Coroutine[Any, Any, int]) -> int:
@@ -306,11 +348,19 @@ def _retry_for(flag: str | None) -> float:
 async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float) -> int:
     from .client import ClientError, Rejected, RetryPolicy, new_session, start_task
 
-    policy = RetryPolicy(give_up_after=retry_for)
     async with new_session() as session:
+        if args.command == "cancel":
+            return await _cancel(session, base_url, args.task_id)
+        policy = RetryPolicy(give_up_after=retry_for)
         if args.command == "watch":
             return await watch(
-                session, base_url, args.task_id, json_lines=args.json_lines, policy=policy, cursor=args.after
+                session,
+                base_url,
+                args.task_id,
+                json_lines=args.json_lines,
+                policy=policy,
+                cursor=args.after,
+                url_flag=args.url,
             )
         try:
             task_id = await start_task(session, base_url, args.name, args.args, dict(args.kwargs))
@@ -324,7 +374,9 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
             print(task_id, flush=True)
             return EXIT_SUCCESS
         # Cursor 0: the whole log, so nothing between the POST and the stream's start is missed.
-        return await watch(session, base_url, task_id, json_lines=args.json_lines, policy=policy, cursor="0")
+        return await watch(
+            session, base_url, task_id, json_lines=args.json_lines, policy=policy, cursor="0", url_flag=args.url
+        )
 
 
 async def watch(
@@ -335,13 +387,18 @@ async def watch(
     json_lines: bool,
     policy: RetryPolicy | None = None,
     cursor: str | None = None,
+    url_flag: str | None = None,
 ) -> int:
-    """Follow the task with the renderer that suits stdout; the exit status of its end."""
+    """Follow the task with the renderer that suits stdout; the exit status of its end.
+
+    Cancelled (by Ctrl-C: `_interruptible`), it says on stderr that the task goes on
+    and how to cancel it; `url_flag`, the --url given if any, goes into that command."""
     from .client import ClientError, Reconnecting, follow
     from .terminal import make_renderer
 
+    renderer = make_renderer(task_id, json_lines=json_lines)
     try:
-        with make_renderer(task_id, json_lines=json_lines) as renderer:
+        with renderer:
             async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy):
                 if isinstance(item, Reconnecting):
                     renderer.reconnecting(item)
@@ -352,12 +409,58 @@ async def watch(
     except ClientError as exc:
         print(f"progress-sse: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except asyncio.CancelledError:
+        # The with block has taken the live row down, so the note goes below its last state.
+        view = renderer.view
+        _stopped_watching(task_id, view.state if view.terminal else None, url_flag)
+        raise
     # follow() ends only after a terminal event or by raising; this is for the type checker.
     return EXIT_UNREACHABLE
 
 
+def _stopped_watching(task_id: str, ended_as: str | None, url_flag: str | None) -> None:
+    """Ctrl-C's note on stderr: the task goes on without the watch, and how to stop it."""
+    from .terminal import clean, isatty
+
+    if ended_as:
+        note = f"Stopped watching. Task {task_id} had already ended ({ended_as})."
+    else:
+        # Ready to paste: quoted, and with the --url this watch was given.
+        command = shlex.join(["progress-sse", "cancel", task_id, *(["--url", url_flag] if url_flag else [])])
+        note = f"Stopped watching. Task {task_id} keeps running; cancel it with: {command}"
+    # On a terminal the cursor is at the start of a line, after the `^C` the terminal
+    # echoed; a carriage return writes the note over that echo.
+    start = "\r" if isatty(sys.stderr) else ""
+    print(start + clean(note), file=sys.stderr, flush=True)
+
+
+async def _cancel(session: aiohttp.ClientSession, base_url: str, task_id: str) -> int:
+    """`cancel`: 0 when this cancelled the task, 1 when it had already ended, 3 when the
+    server could not be asked, does not know the task, or could not cancel it."""
+    from .client import AlreadyEnded, ClientError, cancel_task
+
+    try:
+        state = await cancel_task(session, base_url, task_id)
+    except AlreadyEnded as exc:
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return EXIT_NOT_CANCELLED
+    except ClientError as exc:
+        print(f"progress-sse: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if state != "revoked":
+        # It ended on its own while the server was revoking it (the worker's word came first).
+        print(f"progress-sse: Task {task_id} ended ({state}) before it could be cancelled.", file=sys.stderr)
+        return EXIT_NOT_CANCELLED
+    print(f"cancelled {task_id} ({state})", flush=True)
+    return EXIT_SUCCESS
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    env = dict(os.environ)
+    return Settings.from_env({**os.environ, **_flag_env(args)})
+
+
+def _flag_env(args: argparse.Namespace) -> dict[str, str]:
+    """The command's flags as the environment variables they stand for (a flag wins)."""
     flags = {
         "redis_url": "REDIS_URL",
         "broker_url": "CELERY_BROKER_URL",
@@ -368,30 +471,26 @@ def _settings(args: argparse.Namespace) -> Settings:
         "heartbeat": "PROGRESS_SSE_HEARTBEAT",
         "allowlist": "PROGRESS_SSE_ALLOWLIST",
     }
-    for attr, var in flags.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            env[var] = str(value)
-    return Settings.from_env(env)
+    return {var: str(value) for attr, var in flags.items() if (value := getattr(args, attr, None)) is not None}
 
 
 def _web(settings: Settings) -> int:
     from aiohttp import web
 
-    from .web import create_app
+    from .web import RUN_OPTIONS, create_app
 
-    print(f"progress-sse web on http://{settings.host}:{settings.port} (Redis {_safe(settings.redis_url)})", flush=True)
-    # handler_cancellation: a handler whose client went away is cancelled at once,
-    # releasing its watcher and subscription instead of waiting for a write to fail.
+    def serving(_aiohttp_banner: str) -> None:
+        # Called once the socket listens: the line means a client can connect now.
+        where = f"http://{settings.host}:{settings.port}"
+        print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)})", flush=True)
+
     web.run_app(
-        create_app(settings),
+        create_app(settings),  # loads the allow-list: a bad one stops the process before `serving`
         host=settings.host,
         port=settings.port,
-        handler_cancellation=True,
-        # /events?task=…&task=… for 100 task ids runs past aiohttp's 8 KiB default.
-        handler_args={"max_line_size": 16 * 1024},
+        **RUN_OPTIONS,
         shutdown_timeout=5,
-        print=None,
+        print=serving,
     )
     return 0
 
@@ -408,31 +507,34 @@ def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) ->
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    """web + worker (+ an embedded Redis) as supervised child processes: if any of
+    them exits, the others are stopped and the run fails, naming it and its last
+    lines (supervisor.py)."""
+    from . import supervisor
     from .embedded import EmbeddedRedis, answers
 
+    env = {**os.environ, **_flag_env(args), "PYTHONUNBUFFERED": "1"}  # so their lines show as written
+    children: list[supervisor.Child] = []
     embedded: EmbeddedRedis | None = None
     if "REDIS_URL" not in os.environ and args.redis_url is None:
         parts = urlsplit(settings.redis_url)
         if not answers(parts.hostname or "localhost", parts.port or 6379):
-            embedded = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="progress-sse-redis-")))
-            url = embedded.start()
-            print(f"progress-sse: no Redis on localhost:6379, started an embedded one at {url}", flush=True)
-            settings = settings.with_(redis_url=url, broker_url=url)
-    _export(settings)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "progress_sse", "worker", f"--concurrency={args.concurrency}"],
-        env=os.environ.copy(),
-    )
+            embedded = EmbeddedRedis()
+            env.update(REDIS_URL=embedded.url, CELERY_BROKER_URL=embedded.url)
+            print(f"progress-sse: no Redis on localhost:6379, starting an embedded one at {embedded.url}", flush=True)
+            children.append(supervisor.Child("redis", embedded.command(logfile=""), ready=embedded.answers))
+    python = [sys.executable, "-m", "progress_sse"]
+    children += [
+        supervisor.Child("web", [*python, "web"], env),
+        supervisor.Child("worker", [*python, "worker", f"--concurrency={args.concurrency}"], env),
+    ]
+    host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
+    print(f"progress-sse dev: the page is at http://{host}:{settings.port}/ (Ctrl-C stops everything)", flush=True)
     try:
-        return _web(settings)
+        return supervisor.run(children)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
         if embedded is not None:
-            embedded.stop()
+            embedded.cleanup()
 
 
 def _export(settings: Settings) -> None:
@@ -443,13 +545,6 @@ def _export(settings: Settings) -> None:
         PROGRESS_SSE_QUEUE=settings.queue,
         PROGRESS_SSE_KEY_PREFIX=settings.key_prefix,
     )
-
-
-def _safe(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The HTTP side of `progress-sse watch` and `start`: follow one task's stream, resume it, start tasks.
+"""The HTTP side of `progress-sse watch`, `start` and `cancel`: follow one task's stream, resume it,
+start and cancel tasks.
 
 `follow()` is the part that has to be right. It yields the task's events until a
 terminal one, reconnecting with the cursor (`Last-Event-ID`) whenever the
@@ -13,6 +14,7 @@ import asyncio
 import json
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -22,16 +24,18 @@ import aiohttp
 from .events import TERMINAL_STATES
 from .sse import SSEDecoder, SSEError
 
-DEFAULT_URL = "http://localhost:8000"
-URL_ENV = "PROGRESS_SSE_URL"
-
 # The server pings every 15 s by default. Three missed pings means the connection
 # is dead even if TCP has not noticed (a NAT box forgot it, a laptop slept).
 DEFAULT_IDLE_TIMEOUT = 45.0
 
+# A request that is not a stream (start, cancel) is answered within this, or the
+# server counts as unreachable. DELETE waits up to 1.5 s for the worker's word.
+REQUEST_TIMEOUT = 30.0
+
 
 class ClientError(Exception):
-    """Anything that ends a watch or a start before a result: exit status 3."""
+    """Anything that ends a watch, a start or a cancel before a result: exit status 3
+    (`AlreadyEnded` excepted: a cancel that found nothing to cancel, status 1)."""
 
 
 class TaskNotFound(ClientError):
@@ -40,6 +44,10 @@ class TaskNotFound(ClientError):
 
 class CannotConnect(ClientError):
     """The server could not be reached, answered with an error, or was gone for too long."""
+
+
+class AlreadyEnded(ClientError):
+    """`DELETE /tasks/<id>` found the task ended (409): there is nothing to cancel."""
 
 
 class Rejected(ClientError):
@@ -206,16 +214,46 @@ async def start_task(
     """`POST /tasks`; returns the new task's id. Raises `Rejected` or `CannotConnect`."""
     url = f"{base_url.rstrip('/')}/tasks"
     body = {"name": name, "args": list(args), "kwargs": dict(kwargs or {})}
-    try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-            if resp.status != 202:
-                raise Rejected(resp.status, await _error_message(resp, f"{url} answered {resp.status}"))
-            answer = await resp.json()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise CannotConnect(f"cannot start a task at {url}: {_describe(exc)}") from exc
+    async with _request(session, "POST", url, "start a task", json=body) as resp:
+        if resp.status != 202:
+            raise Rejected(resp.status, await _error_message(resp, f"{url} answered {resp.status}"))
+        answer = await resp.json()
     if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
         raise CannotConnect(f"{url} accepted the task but sent no id; check --url")
     return str(answer["id"])
+
+
+async def cancel_task(session: aiohttp.ClientSession, base_url: str, task_id: str) -> str:
+    """`DELETE /tasks/<id>`; the task's state once the server is done: `revoked`, or how
+    it ended if it ended on its own meanwhile.
+
+    Raises `TaskNotFound` (404), `AlreadyEnded` (409) or `CannotConnect` (anything else)."""
+    url = task_url(base_url, task_id)
+    async with _request(session, "DELETE", url, "cancel the task", headers={"Accept": "application/json"}) as resp:
+        if resp.status == 404:
+            raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+        if resp.status == 409:
+            raise AlreadyEnded(await _error_message(resp, f"Task {task_id} has already ended."))
+        if resp.status != 202:
+            raise CannotConnect(await _error_message(resp, f"{url} answered {resp.status}"))
+        answer = await resp.json()
+    if not isinstance(answer, dict) or not isinstance(answer.get("state"), str):
+        raise CannotConnect(f"{url} answered 202 but sent no state; check --url")
+    return str(answer["state"])
+
+
+@asynccontextmanager
+async def _request(
+    session: aiohttp.ClientSession, method: str, url: str, action: str, **kwargs: Any
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One request and its answer (not a stream). A network failure or timeout, also
+    while the body is read, becomes `CannotConnect`: "cannot <action> at <url>: …"."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with session.request(method, url, timeout=timeout, **kwargs) as resp:
+            yield resp
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CannotConnect(f"cannot {action} at {url}: {_describe(exc)}") from exc
 
 
 async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: str) -> TaskEvent:

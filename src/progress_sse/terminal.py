@@ -4,7 +4,8 @@
   place. A spinner, the bar, percent and `current/total`, rate, ETA and elapsed
   time while the total is known; a spinner, a pulsing bar, the message and the
   elapsed time while it is not. Retries are printed above the row, the result or
-  the error below it at the end.
+  the error below it at the end. The row stops short of the terminal's last
+  columns, so Ctrl-C leaves it on screen once (see `_RoomForCtrlC`).
 - `PlainRenderer` (a pipe or a file): one line per state change or progress
   update, never a redraw, so logs and `grep` stay readable.
 - `JsonRenderer` (`--json`): one JSON object per line, the event's payload plus
@@ -29,7 +30,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TextIO
 
-from rich.console import Console, RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.json import JSON
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID
 from rich.spinner import Spinner
@@ -275,6 +276,30 @@ class _ViewColumn(ProgressColumn):
         return self._draw()
 
 
+# Columns the live row leaves free at the right edge: room for the `^C` a terminal echoes.
+CTRL_C_ROOM = 2
+
+
+class _RoomForCtrlC:
+    """The live row, `CTRL_C_ROOM` columns narrower than the terminal (re-measured at each draw).
+
+    A row as wide as the terminal leaves the cursor past its last column, so the
+    `^C` the terminal echoes on Ctrl-C wraps onto the next line. rich's final redraw
+    then starts on that line and the row ends up on screen twice. With room to
+    spare, the echo lands beside the row and the redraw wipes it."""
+
+    def __init__(self, row: RenderableType) -> None:
+        self.row = row
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from console.render(self.row, options.update_width(max(1, options.max_width - CTRL_C_ROOM)))
+
+
+class _Progress(Progress):
+    def get_renderable(self) -> RenderableType:
+        return _RoomForCtrlC(super().get_renderable())
+
+
 class LiveRenderer(Renderer):
     """A rich progress row, redrawn in place; the outcome printed below it at the end."""
 
@@ -283,7 +308,7 @@ class LiveRenderer(Renderer):
         self.console = console
         self._spinner = Spinner("dots", style="progress.spinner")
         view = self.view
-        self.progress = Progress(
+        self.progress = _Progress(
             _ViewColumn(self._status),
             _ViewColumn(lambda: Text(view.name or "task", style="bold")),
             BarColumn(bar_width=30),
@@ -395,12 +420,12 @@ def make_renderer(task_id: str, *, json_lines: bool, out: TextIO | None = None, 
         return JsonRenderer(task_id, out, err)
     # stdout itself decides, not rich's FORCE_COLOR: colours in a CI log are fine, a
     # bar redrawn ten times a second into it is not.
-    if _isatty(out) and os.environ.get("TERM", "").lower() not in ("dumb", "unknown"):
+    if isatty(out) and os.environ.get("TERM", "").lower() not in ("dumb", "unknown"):
         return LiveRenderer(task_id, Console(file=out))
     return PlainRenderer(task_id, out, err)
 
 
-def _isatty(stream: TextIO) -> bool:
+def isatty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
     except ValueError:  # closed

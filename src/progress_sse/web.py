@@ -42,6 +42,19 @@ from .streams import EventStream
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+# /events?task=…&fresh=… for 100 ids of the longest allowed length (keys.is_task_id)
+# is about 41 KB of request line; aiohttp's default limit is 8 KiB.
+MAX_REQUEST_LINE = 64 * 1024
+# What `web.run_app` (or an AppRunner) needs to serve these routes well; `progress-sse
+# web` passes exactly these. handler_cancellation: a handler whose client went away
+# is cancelled at once, releasing its watcher instead of waiting for a write to fail.
+# The others go to each connection's request handler (aiohttp has no `handler_args`
+# for run_app: unknown arguments are dropped there with a warning, limits and all).
+RUN_OPTIONS: dict[str, Any] = {
+    "handler_cancellation": True,
+    "max_line_size": MAX_REQUEST_LINE,
+    "keepalive_timeout": 75.0,
+}
 MAX_STREAM_TASKS = 100
 # How long DELETE waits for the worker to confirm a running task's revocation
 # before it records the revocation itself (PROTOCOL.md: watchers know within 2 s).
