@@ -219,3 +219,12 @@ async def test_a_process_that_only_publishes_records_queued_and_the_service_stre
 
     final = await shop.state(task_id)
     assert final["created_at"] <= final["started_at"] <= final["finished_at"]
+
+
+def test_the_worker_says_once_where_it_records_events(shop_worker: Worker, shop_settings: Settings) -> None:
+    """`celery -A` imports the app (and runs install) before the worker's logging is
+    set up; the line must still appear, once, naming the Redis and the key prefix."""
+    db = shop_settings.redis_url.rsplit("/", 1)[1]
+    lines = [line for line in shop_worker.log_path.read_text().splitlines() if "records events in" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(f"/{db} under the key prefix {shop_settings.key_prefix!r}"), lines

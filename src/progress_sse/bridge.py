@@ -84,8 +84,21 @@ def install(
     progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"{_UID}:{handler.__name__}")
-    log.info("progress-sse records events in %s", _where(publisher))
+    _announce(f"progress-sse records events in {_where(publisher)}")
     return publisher
+
+
+_announced = False
+
+
+def _announce(line: str) -> None:
+    """Say once, at INFO, where events go: a mismatch with the web is then one look
+    away. A worker imports the app (and so runs install) before its logging is set
+    up; what is said then reaches no handler, so worker_ready says it instead."""
+    global _announced
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info("%s", line)
+        _announced = True
 
 
 def _settings_for(app: Celery | None) -> Settings:
@@ -207,8 +220,8 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
         return
     _heartbeat = _Heartbeat(_publisher, str(hostname), _worker_ttl)
     _heartbeat.start()
-    # Said again now that the worker's logging is set up (install ran at import, before).
-    log.info("progress-sse: worker %s records events in %s", hostname, _where(_publisher))
+    if not _announced:
+        _announce(f"progress-sse: worker {hostname} records events in {_where(_publisher)}")
 
 
 @_never_raises
