@@ -4,17 +4,27 @@ import { applyToProgress, isTaskId, isTerminal, watch } from "./progress.js";
 
 const STORAGE_KEY = "progress-sse:watched";
 const MAX_WATCHED = 100;
-const LABELS = {
+// What each state reads as. `revoked` is the protocol's word; people say cancelled.
+const WORDS = {
   queued: "queued",
   started: "started",
   progress: "running",
   retry: "retrying",
-  success: "✓ success",
-  failure: "✗ failure",
-  revoked: "⊘ revoked",
-  lost: "? lost",
+  success: "success",
+  failure: "failure",
+  revoked: "cancelled",
+  lost: "lost",
   unknown: "unknown",
 };
+// Terminal states also get a symbol, so colour is never the only signal.
+const SYMBOLS = { success: "✓", failure: "✗", revoked: "⊘", lost: "?" };
+// A revoked event's message ("Task revoked", "Task terminated") said the cancelled way.
+const CANCELLED = {
+  revoked: "Cancelled.",
+  terminated: "Cancelled while it ran: its process was stopped.",
+  expired: "Cancelled: it expired before a worker ran it.",
+};
+const NO_WORKER = "No worker is running: started tasks wait in the queue.";
 const STATUS_TEXT = {
   connecting: "connecting…",
   live: "live",
@@ -28,6 +38,7 @@ const list = document.getElementById("tasks");
 const template = document.getElementById("bar-template");
 const connection = document.getElementById("connection");
 const announcer = document.getElementById("announcer");
+const workerNotice = document.getElementById("worker-notice");
 const single = app.dataset.task || null;
 const base = app.dataset.base ?? ""; // the API's prefix when mounted inside another app
 const cards = new Map(); // task id (or group id) -> card
@@ -39,6 +50,7 @@ const stream = watch(
   {
     onEvent: (event) => {
       show(event); // its own card, if it has one
+      showInRecent(event); // a group's members are listed there too
       if (groupOf.has(event.task_id)) showGroup(groupOf.get(event.task_id), event);
     },
     onUnknown: ({ task_id }) => markUnknown(task_id),
@@ -116,15 +128,14 @@ function show(event) {
   card.last = event;
   card.node.dataset.state = event.state;
   if (event.name) refs.name.textContent = event.name;
-  refs.state.textContent = LABELS[event.state] ?? event.state;
+  refs.state.textContent = label(event.state);
   applyToProgress(refs.bar, event);
 
   refs.count.textContent =
     event.total != null ? `${fmt(event.current)} of ${fmt(event.total)}` : event.current ? `${fmt(event.current)} done` : "";
   refs.percent.textContent = event.percent != null ? `${event.percent}%` : "";
-  // A failure's message is its error's, shown below with the type.
-  refs.message.textContent = event.state === "failure" && event.error ? "" : (event.message ?? "");
-  if (event.state === "started") card.startedAt ??= event.ts; // elapsed counts from the first attempt
+  refs.message.textContent = messageOf(event);
+  learnStart(card, event);
   if (event.state === "retry") {
     card.retries = event.retries;
     const at = event.eta ? `, next attempt at ${new Date(event.eta * 1000).toLocaleTimeString()}` : "";
@@ -149,7 +160,41 @@ function show(event) {
   }
   tick(card);
   if (changed && isTerminal(event.state)) refreshRecentSoon();
-  if (changed) announce(`${refs.name.textContent} ${card.id.slice(0, 8)}: ${event.state}`);
+  if (changed) announce(`${refs.name.textContent} ${card.id.slice(0, 8)}: ${WORDS[event.state] ?? event.state}`);
+}
+
+function label(state) {
+  const word = WORDS[state] ?? state;
+  return SYMBOLS[state] ? `${SYMBOLS[state]} ${word}` : word;
+}
+
+function messageOf(event) {
+  // A failure's message is its error's, shown below with the type.
+  if (event.state === "failure" && event.error) return "";
+  // Only a task's own revoked event has a reason; a group's message counts its tasks.
+  if (event.state === "revoked" && event.reason) return CANCELLED[event.reason] ?? CANCELLED.revoked;
+  return event.message ?? "";
+}
+
+// Elapsed time counts from the task's real start, its first attempt. Only the
+// server knows it when the card's first frame came later: a task observed mid-run,
+// or one a worker picked up before the page's stream opened (its first frame is
+// then a progress), or a started frame of a later attempt. So ask it, once.
+function learnStart(card, event) {
+  if (card.startedAt != null || card.askedStart || groups.has(card.id)) return;
+  if (event.state === "queued") return; // nothing to count yet
+  card.askedStart = true;
+  describe(card.id)
+    .then((info) => {
+      if (!info) return;
+      // created_at stands in for a task whose start was never recorded.
+      card.startedAt ??= info.started_at ?? info.created_at;
+      if (isTerminal(card.state)) card.finishedAt = info.finished_at ?? card.finishedAt;
+      tick(card);
+    })
+    .catch(() => {
+      card.askedStart = false; // ask again with its next frame
+    });
 }
 
 // A group's bar sums its members' current/total, like GET /groups/<id>/events does
@@ -200,7 +245,7 @@ function markUnknown(taskId) {
   if (!card) return;
   card.state = "unknown";
   card.node.dataset.state = "unknown";
-  card.refs.state.textContent = LABELS.unknown;
+  card.refs.state.textContent = label("unknown");
   card.refs.cancel.hidden = true;
   card.refs.bar.value = 0;
   notice(card, "The server does not know this task (its history may have expired).");
@@ -334,27 +379,87 @@ function showError(element, text) {
 
 // ---- the demo page ---------------------------------------------------------
 
+// A value the page refuses before any request, with a sentence saying what to fix.
+class InputError extends Error {
+  constructor(field, message) {
+    super(message);
+    this.field = field;
+  }
+}
+
+// kwargs in the JSON types the task's checks expect: numbers, true/false, strings,
+// arrays. A field left blank whose default is None is left out: the server fills it in.
 function valuesOf(form) {
   const kwargs = {};
-  for (const input of form.querySelectorAll("input[name]")) {
-    const kind = input.dataset.kind;
-    if (kind === "json") {
-      kwargs[input.name] = JSON.parse(input.value);
-    } else {
-      kwargs[input.name] = input.valueAsNumber;
-    }
+  for (const field of form.querySelectorAll("[data-kind]")) {
+    field.removeAttribute("aria-invalid");
+    if ("optional" in field.dataset && field.value.trim() === "") continue;
+    kwargs[field.name] = valueOf(field);
   }
   return kwargs;
 }
 
+function valueOf(field) {
+  switch (field.dataset.kind) {
+    case "integer":
+    case "number":
+      return field.valueAsNumber; // the browser has checked min, max and step
+    case "boolean":
+      return field.checked;
+    case "string":
+      return field.value;
+    case "choice":
+      return JSON.parse(field.value); // each option's value is its JSON
+    case "list":
+      return listOf(field);
+    default:
+      return jsonOf(field);
+  }
+}
+
+function jsonOf(field) {
+  try {
+    return JSON.parse(field.value);
+  } catch {
+    // Numbers, true, false and null parse: what fails and opens no array, object or
+    // string is almost always bare text, the commonest slip.
+    const text = field.value.trim();
+    const hint = text && !/^[[{"]/.test(text) ? ` Text needs quotes: ${JSON.stringify(text)}.` : "";
+    throw new InputError(field, `${field.name} is not valid JSON.${hint}`);
+  }
+}
+
+// "1, 2, 3" or a JSON array. Stray commas are ignored; every item must be of the kind asked.
+function listOf(field) {
+  const text = field.value.trim();
+  if (text.startsWith("[")) {
+    const value = jsonOf(field);
+    if (!Array.isArray(value)) throw new InputError(field, `${field.name} must be a list.`);
+    return value;
+  }
+  const items = text.split(",").map((item) => item.trim()).filter((item) => item !== "");
+  if (field.dataset.item === "string") return items;
+  return items.map((item) => {
+    const value = Number(item);
+    if (!Number.isFinite(value)) throw new InputError(field, `${field.name}: "${item}" is not a number.`);
+    if (field.dataset.item === "integer" && !Number.isInteger(value)) {
+      throw new InputError(field, `${field.name}: "${item}" is not a whole number.`);
+    }
+    return value;
+  });
+}
+
 async function start(form) {
-  const errorBox = document.getElementById("start-error");
+  const errorBox = form.querySelector(".form-error");
   showError(errorBox, null);
   let kwargs;
   try {
     kwargs = valuesOf(form);
-  } catch {
-    showError(errorBox, "One of the values is not valid JSON.");
+  } catch (error) {
+    if (!(error instanceof InputError)) throw error;
+    error.field.setAttribute("aria-invalid", "true");
+    error.field.focus();
+    showError(errorBox, error.message);
     return;
   }
   const name = form.dataset.taskName;
@@ -369,10 +474,29 @@ async function start(form) {
       return;
     }
     const body = await response.json();
+    showWorkers(body);
     follow(body.id, { task_id: body.id, name, state: "queued" });
     loadRecent();
   } catch {
     showError(errorBox, "Could not reach the server; try again.");
+  }
+}
+
+// Whether a worker is alive: from /healthz once on load, then from every POST /tasks
+// answer (no polling). A body without `workers` (an older server, or /healthz
+// failing) says nothing, so the notice stays as it was.
+function showWorkers(body) {
+  if (typeof body?.workers !== "number") return;
+  workerNotice.dataset.workers = String(body.workers);
+  workerNotice.textContent = body.workers > 0 ? "" : (body.warning ?? NO_WORKER);
+}
+
+async function checkWorkers() {
+  try {
+    const response = await fetch(`${base}/healthz`, { headers: { Accept: "application/json" } });
+    showWorkers(await response.json());
+  } catch {
+    // the notice is advice; the page works without it
   }
 }
 
@@ -409,6 +533,18 @@ function refreshRecentSoon() {
   recentTimer = setTimeout(loadRecent, 300);
 }
 
+// A watched task's badge in the recent list follows its stream, between reloads of the list.
+function showInRecent(event) {
+  const box = document.getElementById("recent");
+  if (!box) return;
+  for (const item of box.children) {
+    if (item.dataset.taskId !== event.task_id) continue;
+    const badge = item.querySelector(".badge");
+    badge.dataset.state = event.state;
+    badge.textContent = label(event.state);
+  }
+}
+
 async function loadRecent() {
   const box = document.getElementById("recent");
   if (!box) return;
@@ -419,6 +555,7 @@ async function loadRecent() {
     box.replaceChildren(
       ...tasks.map((task) => {
         const item = document.createElement("li");
+        item.dataset.taskId = task.task_id;
         const name = document.createElement("span");
         name.textContent = task.name ?? "task";
         const id = document.createElement("code");
@@ -426,7 +563,7 @@ async function loadRecent() {
         const state = document.createElement("span");
         state.className = "badge";
         state.dataset.state = task.state;
-        state.textContent = LABELS[task.state] ?? task.state;
+        state.textContent = label(task.state);
         const button = document.createElement("button");
         button.type = "button";
         button.className = "secondary";
@@ -468,6 +605,7 @@ async function restore(ids) {
   saveWatched();
 }
 
+checkWorkers();
 if (single) {
   if (list) {
     describe(single).then((info) => {

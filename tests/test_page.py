@@ -17,9 +17,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from progress_sse.allowlist import AllowedTask, AllowList, boolean, choice, integer, list_of, number, string
 from progress_sse.config import Settings
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
@@ -27,7 +29,7 @@ from progress_sse.publisher import Publisher, sync_client
 from progress_sse.web import HUB
 
 from .browser import Page, open_browser
-from .conftest import Server, wait_until, worker_env
+from .conftest import Server, Worker, wait_until, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.usefixtures("worker")]
 
@@ -61,9 +63,16 @@ async def test_indeterminate_bar_has_no_value_while_running_and_is_full_on_succe
     await page.page.goto(server.url("/"))
     task_id = await start_from_form(page, "demo.mystery", min_s=1.5, max_s=1.5)
     await page.wait_state(task_id, "progress")
-    bar = page.card(task_id).locator("progress")
+    card = page.card(task_id)
+    bar = card.locator("progress")
     assert await bar.get_attribute("value") is None  # the browser animates it
-    assert "Working on something" in await page.card(task_id).locator(".task-message").text_content()
+    assert "Working on something" in await card.locator(".task-message").text_content()
+    # No count, so the elapsed time comes first in its line, flush with the bar: an
+    # empty part must not leave its gap in front of it.
+    elapsed = card.locator(".task-elapsed")
+    await elapsed.filter(has_text="elapsed").wait_for()
+    assert await card.locator(".task-count").text_content() == ""
+    assert (await elapsed.bounding_box())["x"] == (await bar.bounding_box())["x"]
     await page.screenshot("indeterminate-running")
 
     await page.wait_state(task_id, "success")
@@ -106,23 +115,35 @@ async def test_failure_shows_error_type_message_and_traceback(server: Server, pa
     await page.screenshot("failure")
 
 
-async def test_retry_shows_the_attempt_count(server: Server, page: Page) -> None:
+async def test_retry_reads_retrying_everywhere_and_shows_the_attempt_count(server: Server, page: Page) -> None:
     await page.page.goto(server.url("/"))
     task_id = await start_from_form(page, "demo.flaky", failures=1, delay=0.6)
     await page.wait_state(task_id, "retry")
-    assert "retry 1" in await page.card(task_id).locator(".task-attempt").text_content()
+    card = page.card(task_id)
+    assert "retry 1" in await card.locator(".task-attempt").text_content()
+    assert await card.locator(".task-state").text_content() == "retrying"
+    assert await page.page.locator("#announcer").text_content() == f"demo.flaky {task_id[:8]}: retrying"
+    # The recent list's badge follows the stream too, not the state it was loaded with.
+    badge = page.page.locator(f'#recent li[data-task-id="{task_id}"] .badge')
+    await badge.filter(has_text="retrying").wait_for(timeout=5_000)
     await page.screenshot("retry")
     await page.wait_state(task_id, "success")
     assert await page.card(task_id).locator(".task-attempt").text_content() == "attempt 2"
 
 
-async def test_cancel_button_ends_in_revoked(server: Server, page: Page) -> None:
+async def test_cancel_button_ends_in_revoked_which_reads_cancelled(server: Server, page: Page) -> None:
     await page.page.goto(server.url("/"))
     task_id = await start_from_form(page, "demo.count", n=400, delay=0.05)
     await page.wait_state(task_id, "progress")
-    await page.card(task_id).get_by_role("button", name="Cancel").click()
-    await page.wait_state(task_id, "revoked", timeout=10)
-    assert "revoked" in await page.card(task_id).locator(".task-state").text_content()
+    card = page.card(task_id)
+    await card.get_by_role("button", name="Cancel").click()
+    await page.wait_state(task_id, "revoked", timeout=10)  # the protocol's state, kept for styles and tests
+    assert await card.locator(".task-state").text_content() == "⊘ cancelled"
+    assert (await card.locator(".task-message").text_content()).startswith("Cancelled")
+    assert "revoked" not in (await card.inner_text()).lower()
+    assert await page.page.locator("#announcer").text_content() == f"demo.count {task_id[:8]}: cancelled"
+    badge = page.page.locator(f'#recent li[data-task-id="{task_id}"] .badge')
+    await badge.filter(has_text="cancelled").wait_for(timeout=5_000)
     await page.screenshot("revoked")
 
 
@@ -415,3 +436,246 @@ async def test_reload_while_the_server_cannot_answer_keeps_the_watched_tasks(
     publisher.client.close()
     await page.wait_state(task_id, "success")  # the stream brings its state
     page.forgive("503")
+
+
+def elapsed_seconds(text: str) -> int:
+    found = re.fullmatch(r"(\d+) s elapsed", text)
+    assert found, f"not an elapsed time under a minute: {text!r}"
+    return int(found.group(1))
+
+
+async def assert_counts_from_the_real_start(page: Page, server: Server, task_id: str) -> None:
+    """The card's elapsed time is the time since the task's first start (GET
+    /tasks/<id> started_at), not since the card heard of it; with a known total it
+    also has an estimate."""
+    card = page.card(task_id)
+    await card.locator(".task-eta").filter(has_text=re.compile(r"^about \d+ s left$")).wait_for(timeout=5_000)
+    started_at = (await server.state(task_id))["started_at"]
+    since_start = await page.page.evaluate("(t) => Date.now() / 1000 - t", started_at)
+    shown = elapsed_seconds(await card.locator(".task-elapsed").text_content())
+    # The text is refreshed once a second and rounded: within 2 s of the truth, and
+    # at least 3 s in, where counting from the card's first frame would show 0 or 1.
+    assert since_start >= 3
+    assert abs(shown - since_start) <= 2, (shown, since_start)
+
+
+async def progressed(server: Server, task_id: str, current: int) -> None:
+    async def there() -> bool:
+        return bool((await server.state(task_id))["current"] >= current)
+
+    await wait_until(there, timeout=30, what=f"{task_id} to reach {current}")
+
+
+async def test_elapsed_and_estimate_count_from_the_start_when_the_first_frame_is_progress(
+    server: Server, page: Page
+) -> None:
+    """A worker picks the task up before the page's stream opens: the card's first
+    frame is a `progress`, and the page never sees `started`."""
+
+    async def late_stream(route: Any) -> None:
+        task_id = parse_qs(urlsplit(route.request.url).query)["task"][0]
+        await progressed(server, task_id, 12)  # 3 s of work done before the stream opens
+        await route.continue_()
+
+    await page.page.route("**/events?*", late_stream)
+    await page.page.goto(server.url("/"))
+    task_id = await start_from_form(page, "demo.count", n=60, delay=0.25)
+    await page.wait_state(task_id, "progress")
+    await assert_counts_from_the_real_start(page, server, task_id)
+    await page.screenshot("first-frame-progress")
+    await server.session.delete(server.url(f"/tasks/{task_id}"))  # free the worker
+
+
+async def test_a_task_observed_mid_run_shows_elapsed_from_its_start_and_an_estimate(server: Server, page: Page) -> None:
+    task_id = await server.start_task("demo.count", n=60, delay=0.25)
+    await progressed(server, task_id, 12)
+    await page.page.goto(server.url("/"))
+    await page.page.get_by_label("Task id").fill(task_id)
+    await page.page.get_by_role("button", name="Observe").click()
+    await page.wait_state(task_id, "progress")
+    await assert_counts_from_the_real_start(page, server, task_id)
+    await server.session.delete(server.url(f"/tasks/{task_id}"))
+
+
+async def test_a_cancelled_group_reads_cancelled(
+    server: Server, page: Page, settings: Settings, redis_client: Any
+) -> None:
+    """Members recorded as the bridge records a Celery group's, then cancelled while watched."""
+    keys = Keys(settings.key_prefix)
+    group_id, *members = (str(uuid.uuid4()) for _ in range(3))
+    publisher = Publisher(sync_client(settings.redis_url), keys)
+    for member in members:
+        redis_client.sadd(keys.group(group_id), member)
+        publisher.publish(make_event(member, "demo.count", State.QUEUED))
+        publisher.publish(make_event(member, "demo.count", State.PROGRESS, current=1, total=4))
+    await page.page.goto(server.url("/"))
+    await page.page.get_by_label("Task id").fill(group_id)
+    await page.page.get_by_role("button", name="Observe").click()
+    page.forgive("404 (Not Found)")  # the page asks /tasks/<id> first, then /groups/<id>
+    await page.wait_state(group_id, "progress")
+    for member in members:
+        publisher.publish(make_event(member, "demo.count", State.REVOKED, current=1, total=4, reason="revoked"))
+    publisher.client.close()
+    await page.wait_state(group_id, "revoked")
+    card = page.card(group_id)
+    assert await card.locator(".task-state").text_content() == "⊘ cancelled"
+    assert await card.locator(".task-message").text_content() == "2 of 2 tasks done"
+    assert "revoked" not in (await card.inner_text()).lower()
+    for member in members:  # listed among the recent tasks, which follow the stream too
+        await page.page.locator(f'#recent li[data-task-id="{member}"] .badge', has_text="cancelled").wait_for()
+    await page.screenshot("group-cancelled")
+
+
+@pytest.fixture
+def idle_settings(settings: Settings) -> Settings:
+    """Keys and a queue no worker heartbeats under or consumes: tasks started there wait."""
+    return settings.with_(key_prefix=f"{settings.key_prefix}-noworker", queue=f"{settings.queue}-noworker")
+
+
+NO_WORKER = "No worker is running: started tasks wait in the queue."
+
+
+async def test_no_worker_notice_shows_until_a_worker_runs(
+    server: Server, make_server: Any, idle_settings: Settings, page: Page, output_dir: Path
+) -> None:
+    notice = page.page.get_by_role("status").and_(page.page.locator("#worker-notice"))
+    # With the session's worker alive: no notice, once /healthz has said so.
+    await page.page.goto(server.url("/"))
+    await page.page.locator('#worker-notice[data-workers="1"]').wait_for(state="attached")
+    assert await notice.text_content() == ""
+
+    idle: Server = await make_server(idle_settings)
+    await page.page.goto(idle.url("/"))
+    await notice.filter(has_text=NO_WORKER).wait_for()  # from /healthz, on load
+    waiting = await start_from_form(page, "demo.count", n=2, delay=0.05)
+    assert await notice.text_content() == NO_WORKER  # the POST's answer says so too
+    await page.screenshot("no-worker")
+    assert await page.card(waiting).get_attribute("data-state") == "queued"
+
+    late = Worker(idle_settings, output_dir / "late-page-worker.log")
+    try:
+        await asyncio.to_thread(late.wait_ready)
+
+        async def one_worker() -> bool:
+            async with idle.session.get(idle.url("/healthz")) as resp:
+                return bool((await resp.json())["workers"] == 1)
+
+        await wait_until(one_worker, timeout=30, what="the late worker's heartbeat")
+        # No polling: the notice goes with the next start's answer.
+        assert await notice.text_content() == NO_WORKER
+        await start_from_form(page, "demo.count", n=2, delay=0.05)
+        await page.page.locator('#worker-notice[data-workers="1"]').wait_for(state="attached")
+        assert await notice.text_content() == ""
+        await page.wait_state(waiting, "success", timeout=30)  # it waited in the queue, then ran
+        await page.screenshot("worker-arrived")
+    finally:
+        await asyncio.to_thread(late.stop)
+
+
+async def test_start_section_is_titled_by_the_allow_list(
+    server: Server, make_server: Any, settings: Settings, page: Page
+) -> None:
+    heading = page.page.locator("#start-heading")
+    await page.page.goto(server.url("/"))
+    assert await heading.text_content() == "Start a demo task"
+    own: Server = await make_server(
+        settings, allowlist=AllowList([AllowedTask("demo.count", {"n": (integer(1, 9), 3)})])
+    )
+    await page.page.goto(own.url("/"))
+    assert await heading.text_content() == "Start a task"
+
+
+def options_object(name: str, value: Any) -> Any:
+    """A user's own check, with no describe(): the page gives it the JSON field."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object, not {value!r}")
+    return value
+
+
+EVERY_KIND = AllowList(
+    [
+        AllowedTask(
+            "shop.export",
+            {
+                "count": (integer(1, 10), 3),
+                "ratio": (number(0, 1), 0.5),
+                "title": (string(max_length=20), "Report"),
+                "note": (string(max_length=50), None),  # blank: left out, the server uses None
+                "fmt": (choice(["pdf", "csv"]), "pdf"),
+                "level": (choice([1, 2, 3]), 2),
+                "draft": (boolean(), False),
+                "ids": (list_of(integer(1, 100), max_items=3), [1, 2]),
+                "tags": (list_of(string(max_length=10)), ["a"]),
+                "options": (options_object, {"a": 1}),
+            },
+            description="every kind of parameter",
+        )
+    ]
+)
+
+
+async def test_every_parameter_kind_has_a_usable_input_that_sends_its_json_type(
+    make_server: Any, idle_settings: Settings, page: Page
+) -> None:
+    own: Server = await make_server(idle_settings, allowlist=EVERY_KIND)  # nothing runs them: they wait
+    await page.page.goto(own.url("/"))
+    form = page.page.locator('form[data-task-name="shop.export"]')
+    field = form.get_by_label
+    assert await field("count").get_attribute("type") == "number"
+    assert await field("ratio").get_attribute("step") == "any"
+    assert await field("title").get_attribute("type") == "text"
+    assert await field("title").get_attribute("maxlength") == "20"
+    assert await field("fmt").evaluate("(el) => el.tagName") == "SELECT"
+    assert await field("draft").get_attribute("type") == "checkbox"
+    assert await field("ids").input_value() == "1, 2"
+    assert await field("options").input_value() == '{"a": 1}'
+    await page.screenshot("every-kind")
+
+    page.forgive("422")  # the last request is refused on purpose
+    posts: list[Any] = []
+    page.page.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
+    error = form.locator(".form-error")
+
+    async def refused_here(text: str, what: str) -> None:
+        await error.filter(has_text=text).wait_for()
+        assert posts == [], "nothing is sent while a value is wrong"
+        assert await field(what).get_attribute("aria-invalid") == "true"
+
+    await field("options").fill("pdf")
+    await form.get_by_role("button", name="Start").click()
+    await refused_here('options is not valid JSON. Text needs quotes: "pdf".', "options")
+    await page.screenshot("every-kind-bad-json")
+    await field("options").fill('{"b": [1, 2]}')
+    await field("ids").fill("4, x")
+    await form.get_by_role("button", name="Start").click()
+    await refused_here('ids: "x" is not a number.', "ids")
+
+    await field("ids").fill("4, 5,")  # a stray comma is no item
+    await field("title").fill("Q3, final")
+    await field("fmt").select_option("csv")
+    await field("level").select_option("3")
+    await field("draft").check()
+    await field("tags").fill("x, y")
+    async with page.page.expect_response(lambda r: r.url.endswith("/tasks")) as info:
+        await form.get_by_role("button", name="Start").click()
+    response = await info.value
+    assert response.status == 202, await response.text()
+    sent = json.loads(response.request.post_data or "")
+    expected = {
+        "count": 3,
+        "ratio": 0.5,
+        "title": "Q3, final",
+        "fmt": "csv",
+        "level": 3,
+        "draft": True,
+        "ids": [4, 5],
+        "tags": ["x", "y"],
+        "options": {"b": [1, 2]},
+    }
+    # Compared as JSON text: true is not 1, and "3" is not 3.
+    assert json.dumps(sent, sort_keys=True) == json.dumps({"name": "shop.export", "kwargs": expected}, sort_keys=True)
+    assert await error.is_hidden()
+
+    await field("ids").fill("1, 2, 3, 4")
+    await form.get_by_role("button", name="Start").click()
+    await error.filter(has_text="ids must have at most 3 items").wait_for()  # the server's answer, by its form

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,33 +109,127 @@ def _render(request: web.Request, template: str, context: dict[str, Any], status
     return response
 
 
+# The kinds of input the start form renders; a checker that describes itself as
+# anything else gets the JSON field, which takes every value.
+INPUT_KINDS = frozenset({"integer", "number", "string", "choice", "boolean", "list", "json"})
+# List items simple enough to type comma-separated ("1, 2, 3", "red, green").
+SIMPLE_ITEMS = frozenset({"integer", "number", "string"})
+
+
+def describe_check(check: Any) -> dict[str, Any]:
+    """What a parameter's check accepts: its own `describe()`, a Range's bounds, or
+    {"kind": "json"} for a plain callable (a user's own check), which takes any JSON."""
+    describe = getattr(check, "describe", None)
+    if callable(describe):
+        described = describe()
+        if isinstance(described, dict) and described.get("kind") in INPUT_KINDS:
+            return described
+    elif isinstance(check, Range):
+        return {"kind": check.kind, "min": check.minimum, "max": check.maximum}
+    return {"kind": "json"}
+
+
+def _param(name: str, check: Any, default: Any) -> dict[str, Any]:
+    """One input of a start form. `optional`: the field cannot show the default (None,
+    say), so the page leaves it out of the request when it is blank, and the server
+    fills in the default."""
+    described = describe_check(check)
+    kind = described["kind"]
+    param: dict[str, Any] = {"name": name, "kind": kind, "optional": default is None, "hint": ""}
+    if kind in {"integer", "number"}:
+        param.update(
+            min=described.get("min"),
+            max=described.get("max"),
+            step="1" if kind == "integer" else "any",
+            value="" if default is None else default,
+        )
+    elif kind == "string":
+        limit = described.get("max_length")
+        param.update(min_length=described.get("min_length"), max_length=limit)
+        param.update(value=default if isinstance(default, str) else "")
+        param["hint"] = "text" if limit is None else f"text, at most {limit} characters"
+    elif kind == "choice":
+        # Each option's value is its JSON, so a choice of numbers is sent as a number.
+        param["choices"] = [
+            {
+                "json": json.dumps(choice, ensure_ascii=False),
+                "label": choice if isinstance(choice, str) else json.dumps(choice, ensure_ascii=False),
+                "selected": _same(choice, default),
+            }
+            for choice in described.get("choices") or []
+        ]
+        # A default that is not one of the choices (None, say) gets an option of its
+        # own, left out of the request so that the server uses it.
+        param["optional"] = not any(c["selected"] for c in param["choices"])
+    elif kind == "boolean":
+        param.update(checked=default is True, optional=False)  # unchecked sends false
+    elif kind == "list":
+        param.update(_list_param(described, default))
+    if param["kind"] == "json":
+        text = _json_text(default)
+        # A default JSON cannot spell (None, or a date, say) shows an empty field,
+        # which the page leaves out of the request: the server then uses the default.
+        param.update(value=text or "", optional=text is None, hint='JSON, e.g. "text", 3, [1, 2] or {"a": 1}')
+    return param
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    # As JSON compares: true is not 1, but 2 is 2.0.
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def _list_param(described: dict[str, Any], default: Any) -> dict[str, Any]:
+    """A list of simple items is typed comma-separated (a JSON array works too); any
+    other list, or a default that commas cannot spell, gets the JSON field."""
+    item = described.get("item")
+    item_kind = item.get("kind") if isinstance(item, dict) else None
+    items = [] if default is None else default
+    if item_kind not in SIMPLE_ITEMS or not isinstance(items, list) or not all(_spells(item_kind, x) for x in items):
+        return {"kind": "json"}
+    words = {"integer": "whole numbers", "number": "numbers", "string": "words"}[item_kind]
+    limit = described.get("max_items")
+    hint = f"{words}, comma-separated (or a JSON array)" + (f", at most {limit}" if limit is not None else "")
+    return {"item": item_kind, "value": ", ".join(str(x) for x in items), "hint": hint}
+
+
+def _spells(item_kind: str, value: Any) -> bool:
+    """Whether `value` reads back the same from a comma-separated field."""
+    if item_kind == "string":
+        return isinstance(value, str) and value != "" and value == value.strip() and "," not in value
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _forms(allowlist: AllowList) -> list[dict[str, Any]]:
-    forms = []
-    for task in allowlist:
-        params = []
-        for name, (check, default) in task.params.items():
-            if isinstance(check, Range):
-                step = "1" if check.kind == "integer" else "any"
-                params.append(
-                    {
-                        "name": name,
-                        "kind": check.kind,
-                        "min": check.minimum,
-                        "max": check.maximum,
-                        "step": step,
-                        "default": default,
-                    }
-                )
-            else:
-                params.append({"name": name, "kind": "json", "default": default})
-        forms.append({"name": task.name, "description": task.description, "params": params})
-    return forms
+    return [
+        {
+            "name": task.name,
+            "description": task.description,
+            "params": [_param(name, check, default) for name, (check, default) in task.params.items()],
+        }
+        for task in allowlist
+    ]
 
 
 async def index(request: web.Request) -> web.Response:
     from .web import ALLOWLIST
 
-    return _render(request, "index.html", {"forms": _forms(request.app[ALLOWLIST]), "task_id": None})
+    allowlist = request.app[ALLOWLIST]
+    context = {
+        "forms": _forms(allowlist),
+        # The demo tasks say "Start a demo task"; a user's own allow-list must not.
+        "title": getattr(allowlist, "title", "Start a task"),
+        "task_id": None,
+    }
+    return _render(request, "index.html", context)
 
 
 async def task_page(request: web.Request, task_id: str, known: bool) -> web.Response:
