@@ -71,6 +71,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def own(settings: Settings) -> Settings:
+    """A key prefix and queue of its own: the worker /healthz counts is this dev's."""
+    return settings.with_(key_prefix=f"{settings.key_prefix}-dev", queue=f"{settings.queue}-dev")
+
+
 def dev(settings: Settings, port: int, env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
     env = {**worker_env(settings), **env_extra, "PORT": str(port), "HOST": "127.0.0.1"}
     return subprocess.Popen(
@@ -99,7 +104,7 @@ def test_dev_names_a_worker_that_cannot_start_and_stops_the_web(settings: Settin
     (shadow / "__init__.py").write_text('raise ImportError("No module named packaging (shadowed)")\n')
     port = free_port()
     run = dev(
-        settings.with_(queue=f"{settings.queue}-dev"),
+        own(settings),
         port,
         {"PYTHONPATH": str(tmp_path / "shadow")},
         tmp_path,
@@ -114,7 +119,7 @@ def test_dev_names_a_worker_that_cannot_start_and_stops_the_web(settings: Settin
 
 def test_dev_serves_until_ctrl_c_then_stops_everything(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
-    run = dev(settings.with_(queue=f"{settings.queue}-dev"), port, {}, tmp_path)
+    run = dev(own(settings), port, {}, tmp_path)
     try:
 
         def worker_counted() -> bool:
