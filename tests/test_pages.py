@@ -47,6 +47,21 @@ async def test_current_assets_are_cached_for_a_year_and_old_versions_are_not(ser
         assert "error" in await resp.json()
 
 
+async def test_an_unversioned_asset_url_redirects_to_the_current_version(server: Server) -> None:
+    """What a page of your own can write down: /static/progress.js."""
+    version = server.app[ASSETS].version
+    async with server.session.get(server.url("/static/progress.js"), allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == f"/static/{version}/progress.js"
+        assert resp.headers["Cache-Control"] == "no-cache", "an upgrade must be picked up at once"
+    async with server.session.get(server.url("/static/progress.js")) as resp:
+        assert resp.status == 200
+        assert "export function bindProgress" in await resp.text()
+    async with server.session.get(server.url("/static/nope.js"), allow_redirects=False) as resp:
+        assert resp.status == 404
+        assert "error" in await resp.json()
+
+
 def test_asset_version_changes_with_any_file_content(tmp_path: Path) -> None:
     (tmp_path / "a.js").write_text("export const a = 1;")
     first = Assets.load(tmp_path).version

@@ -85,6 +85,7 @@ def setup(app: web.Application) -> None:
     )
     app.router.add_get("/", index, name="index")
     app.router.add_get("/static/{version}/{name}", static_file)
+    app.router.add_get("/static/{name}", latest_static_file)
 
 
 def base_path(request: web.Request) -> str:
@@ -234,6 +235,18 @@ async def index(request: web.Request) -> web.Response:
 
 async def task_page(request: web.Request, task_id: str, known: bool) -> web.Response:
     return _render(request, "task.html", {"task_id": task_id, "known": known}, status=200 if known else 404)
+
+
+async def latest_static_file(request: web.Request) -> web.Response:
+    """`/static/progress.js`: a URL a page of your own can write down. It redirects
+    to the current version's URL, which the browser then caches for good; the
+    redirect itself is never cached, so an upgrade is picked up at once."""
+    assets = request.app[ASSETS]
+    name = request.match_info["name"]
+    if name not in assets.files:
+        raise web.HTTPNotFound(text=f"no static file {name!r}")
+    location = base_path(request) + assets.url(name)
+    raise web.HTTPFound(location, headers={"Cache-Control": "no-cache"})
 
 
 async def static_file(request: web.Request) -> web.Response:
