@@ -228,3 +228,18 @@ def test_the_worker_says_once_where_it_records_events(shop_worker: Worker, shop_
     lines = [line for line in shop_worker.log_path.read_text().splitlines() if "records events in" in line]
     assert len(lines) == 1, lines
     assert lines[0].endswith(f"/{db} under the key prefix {shop_settings.key_prefix!r}"), lines
+
+
+async def test_a_task_the_worker_does_not_have_fails_instead_of_waiting_for_ever(
+    make_server: Callable[..., Any], shop_settings: Settings, shop_worker: Worker
+) -> None:
+    """The demo allow-list in front of the shop's worker: demo.count reaches a worker
+    that does not know it. Celery drops it; its watchers must learn that."""
+    server: Server = await make_server(shop_settings)  # the default allow-list: the demo tasks
+    task_id = await server.start_task("demo.count", n=1)
+    events = await asyncio.wait_for(history(server, task_id), 30)
+    assert states(events) == "queued failure"
+    error = events[-1].payload["error"]
+    assert error["type"] == "NotRegistered"
+    assert f"The worker {shop_worker.name}@" in error["message"]
+    assert "does not know the task 'demo.count'" in error["message"]

@@ -299,6 +299,24 @@ def _on_revoked(
     _finish(task_id, name, State.REVOKED, message=f"Task {reason}", reason=reason)
 
 
+@_never_raises
+def _on_unknown(sender: Any = None, name: str | None = None, id: str | None = None, **kwargs: Any) -> None:
+    # A worker got a task it does not have (the web's allow-list names a task this
+    # worker's app lacks, or the worker runs old code). Celery drops the message and
+    # records NotRegistered; without this the task's watchers would wait at
+    # "queued" for ever.
+    if _publisher is None or not id or not _tracked(name):
+        return
+    host = getattr(sender, "hostname", None)  # sender: the worker's Consumer
+    where = f"The worker {host}" if host else "A worker"
+    message = (
+        f"{where} does not know the task {name!r} and dropped it: register it in the worker's app, "
+        "or start the worker that has it on this queue"
+    )
+    error = {"type": "NotRegistered", "message": message, "traceback": ""}
+    _finish(str(id), name, State.FAILURE, message=message, error=error)
+
+
 def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
     """Publish the last pending progress, then `state`, carrying the last known count
     so a determinate bar stays determinate (and is full on success)."""
@@ -337,4 +355,5 @@ _HANDLERS = (
     (signals.task_success, _on_success),
     (signals.task_failure, _on_failure),
     (signals.task_revoked, _on_revoked),
+    (signals.task_unknown, _on_unknown),
 )
