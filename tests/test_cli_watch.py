@@ -17,7 +17,6 @@ import pty
 import re
 import shlex
 import signal
-import socket
 import struct
 import sys
 import termios
@@ -31,6 +30,7 @@ from rich.console import Console
 
 from progress_sse.cli import _stopped_watching
 from progress_sse.client import Reconnecting, TaskEvent
+from progress_sse.embedded import free_port
 from progress_sse.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
 
 from .conftest import Server
@@ -98,13 +98,6 @@ async def cancel_quietly(server: Server, task_id: str) -> None:
     """Cancel a long test task so it does not hold a worker process; it may have ended."""
     async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
         assert resp.status in (202, 409), await resp.text()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- against the real server and worker ------------------------------------------------

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from progress_sse.config import Settings
+from progress_sse.embedded import free_port
 from progress_sse.web import MAX_REQUEST_LINE
 
 from .conftest import worker_env
-from .test_dev import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("redis_client")]
 

@@ -21,20 +21,13 @@ import pytest
 
 from progress_sse import supervisor
 from progress_sse.config import Settings
-from progress_sse.embedded import EmbeddedRedis, answers
+from progress_sse.embedded import EmbeddedRedis, answers, free_port
 
 from .conftest import worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("redis_client")]  # its clean-up at the end
 
 PYTHON = [sys.executable, "-c"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def listening(port: int) -> bool:

@@ -23,6 +23,7 @@ import pytest
 
 from progress_sse.allowlist import AllowedTask, AllowList, boolean, choice, integer, list_of, number, string
 from progress_sse.config import Settings
+from progress_sse.embedded import free_port
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
@@ -272,9 +273,7 @@ async def test_reload_restores_watched_tasks_and_their_state(server: Server, pag
 @pytest.fixture
 def web_process(settings: Settings, output_dir: Path) -> Iterator[Any]:
     """`progress-sse web` as its own process, which a test may kill and start again."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = worker_env(settings) | {"PORT": str(port), "HOST": "127.0.0.1"}
     log = (output_dir / "web-process.log").open("ab")
     processes: list[subprocess.Popen[bytes]] = []

@@ -51,7 +51,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -64,7 +63,7 @@ import aiohttp
 import pytest
 import redis
 
-from progress_sse.embedded import EmbeddedRedis
+from progress_sse.embedded import EmbeddedRedis, free_port
 
 from .browser import Page, chromium_path, open_browser
 from .sse import SSEReader
@@ -366,13 +365,6 @@ class Session:
                 failed.append(f"{terminal}: Ctrl-C did not stop {job.command.text!r}:\n{job.output()[-3000:]}")
         self.terminals.clear()
         return failed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def section_items() -> list[Item]:

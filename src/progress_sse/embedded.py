@@ -44,7 +44,8 @@ def answers(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on now (bound, then released): for servers of our own."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -60,7 +61,7 @@ class EmbeddedRedis:
     def __init__(self, workdir: Path | None = None, *, port: int | None = None) -> None:
         self._owns_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="progress-sse-redis-"))
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
