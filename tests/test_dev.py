@@ -7,14 +7,17 @@ every process it started.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,10 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def alive(pid: int) -> bool:
@@ -110,34 +117,61 @@ def test_dev_names_a_worker_that_cannot_start_and_stops_the_web(settings: Settin
     assert not listening(port), "the web process must not be left serving"
 
 
-def test_dev_serves_until_ctrl_c_then_stops_everything(settings: Settings, tmp_path: Path) -> None:
+@pytest.fixture
+def running_dev(settings: Settings, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, set[int]]]:
+    """`progress-sse dev` once its web answers and counts its worker; the pids it
+    started. Whatever happens, every process of the tree is gone afterwards."""
     port = free_port()
     run = dev(own(settings), port, {}, tmp_path)
+    tree: set[int] = set()
+
+    def worker_counted() -> bool:
+        if run.poll() is not None:
+            raise AssertionError(f"dev exited early: {run.communicate()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return bool(json.load(resp)["workers"] >= 1)
+        except OSError:
+            return False
+
     try:
-
-        def worker_counted() -> bool:
-            if run.poll() is not None:
-                raise AssertionError(f"dev exited early: {run.communicate()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    return bool(json.load(resp)["workers"] >= 1)
-            except OSError:
-                return False
-
         wait_for(worker_counted, 60, "the web to answer and count the worker")
-        started = descendants(run.pid)
-        assert len(started) >= 3, "web, worker and the worker's pool process"
-        run.send_signal(signal.SIGINT)
-        out, err = run.communicate(timeout=60)
+        tree = descendants(run.pid)
+        assert len(tree) >= 3, "web, worker and the worker's pool process"
+        yield run, port, tree
     finally:
-        if run.poll() is None:
-            run.kill()
+        for pid in [run.pid, *tree]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_dev_stops_everything_on_ctrl_c_or_a_closed_terminal(
+    running_dev: tuple[subprocess.Popen[str], int, set[int]], signum: signal.Signals
+) -> None:
+    run, port, tree = running_dev
+    run.send_signal(signum)
+    out, err = run.communicate(timeout=60)
     assert run.returncode == 0, (out, err)
     assert f"the page is at http://localhost:{port}/" in out
-    assert "web    | progress-sse web on http://127.0.0.1" in out
+    assert out.index("web    | progress-sse web on http://127.0.0.1") < out.index("the page is at"), (
+        "the URL is printed once the web listens"
+    )
     assert "worker | " in out and " ready." in out
-    assert [pid for pid in started if alive(pid)] == []
+    assert [pid for pid in tree if alive(pid)] == []
     assert not listening(port)
+
+
+def test_dev_killed_outright_takes_its_processes_with_it(
+    running_dev: tuple[subprocess.Popen[str], int, set[int]],
+) -> None:
+    run, port, tree = running_dev
+    children = {pid for pid in tree if parent_of(pid) == run.pid}
+    run.kill()  # no chance to stop anything: the kernel tells each child (PR_SET_PDEATHSIG)
+    run.communicate(timeout=30)
+    wait_for(lambda: not any(alive(pid) for pid in children), 30, "web and worker to exit")
+    wait_for(lambda: not listening(port), 30, "the port to close")
 
 
 def test_a_redis_that_cannot_start_is_named_with_its_own_words(tmp_path: Path) -> None:
@@ -199,3 +233,23 @@ def test_embedded_redis_keeps_a_directory_it_was_given(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path / "given"):
         pass
     assert (tmp_path / "given").is_dir(), "the caller owns it (the test suite's tmp_path)"
+
+
+def test_a_huge_line_or_a_reader_that_went_away_does_not_end_the_run_early() -> None:
+    """A line longer than any buffer is shown in pieces, and a stdout that closes
+    (`dev | head`) stops the copying only: the run still supervises and reports."""
+    code = "import sys; sys.stdout.write('x' * 200_000 + '\\nlast words\\n'); sys.stdout.flush(); sys.exit(3)"
+    loud = supervisor.Child("worker", [*PYTHON, code])
+    out, err = io.StringIO(), io.StringIO()
+    assert supervisor.run([loud], out=out, err=err) == 1
+    assert out.getvalue().count("worker | ") >= 4, "in pieces of at most MAX_LINE"
+    assert "".join(line.removeprefix("worker | ") for line in out.getvalue().splitlines()).count("x") == 200_000
+    assert "the worker exited with status 3. Its last lines:" in err.getvalue()
+    assert err.getvalue().rstrip().endswith("last words\nStopped the others.")
+
+    closed = io.StringIO()
+    closed.close()
+    err = io.StringIO()
+    quiet = supervisor.Child("worker", [*PYTHON, code])
+    assert supervisor.run([quiet], out=closed, err=err) == 1
+    assert "last words" in err.getvalue()

@@ -511,27 +511,37 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     them exits, the others are stopped and the run fails, naming it and its last
     lines (supervisor.py)."""
     from . import supervisor
-    from .embedded import EmbeddedRedis, answers
+    from .embedded import EmbeddedRedis, answers, listening
 
     env = {**os.environ, **_flag_env(args), "PYTHONUNBUFFERED": "1"}  # so their lines show as written
     children: list[supervisor.Child] = []
     embedded: EmbeddedRedis | None = None
-    if "REDIS_URL" not in os.environ and args.redis_url is None:
-        parts = urlsplit(settings.redis_url)
-        if not answers(parts.hostname or "localhost", parts.port or 6379):
-            embedded = EmbeddedRedis()
-            env.update(REDIS_URL=embedded.url, CELERY_BROKER_URL=embedded.url)
-            print(f"progress-sse: no Redis on localhost:6379, starting an embedded one at {embedded.url}", flush=True)
-            children.append(supervisor.Child("redis", embedded.command(logfile=""), ready=embedded.answers))
-    python = [sys.executable, "-m", "progress_sse"]
-    children += [
-        supervisor.Child("web", [*python, "web"], env),
-        supervisor.Child("worker", [*python, "worker", f"--concurrency={args.concurrency}"], env),
-    ]
     host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
-    print(f"progress-sse dev: the page is at http://{host}:{settings.port}/ (Ctrl-C stops everything)", flush=True)
     try:
-        return supervisor.run(children)
+        if "REDIS_URL" not in os.environ and args.redis_url is None:
+            parts = urlsplit(settings.redis_url)
+            if not answers(parts.hostname or "localhost", parts.port or 6379):
+                embedded = EmbeddedRedis()
+                children.append(supervisor.Child("redis", embedded.command(logfile=""), ready=embedded.answers))
+                env.update(REDIS_URL=embedded.url, CELERY_BROKER_URL=embedded.url)
+                print(
+                    f"progress-sse: no Redis on localhost:6379, starting an embedded one at {embedded.url}", flush=True
+                )
+        python = [sys.executable, "-m", "progress_sse"]
+        children += [
+            # Ready once it listens, so the URL below is printed when it works.
+            supervisor.Child(
+                "web", [*python, "web"], env, ready=lambda: listening(host, settings.port), ready_timeout=60
+            ),
+            supervisor.Child("worker", [*python, "worker", f"--concurrency={args.concurrency}"], env),
+        ]
+
+        def started() -> None:
+            print(
+                f"progress-sse dev: the page is at http://{host}:{settings.port}/ (Ctrl-C stops everything)", flush=True
+            )
+
+        return supervisor.run(children, started=started)
     finally:
         if embedded is not None:
             embedded.cleanup()

@@ -34,6 +34,15 @@ def redis_server_binary() -> Path:
     )
 
 
+def listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether anything accepts connections at host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def answers(host: str, port: int, timeout: float = 0.5) -> bool:
     """Whether a Redis answers PING at host:port."""
     try:

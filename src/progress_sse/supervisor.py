@@ -4,13 +4,16 @@ Each child's output is shown with its name in front. When any child exits, the
 others are stopped and the run ends with an error that names the child and
 repeats the last lines it wrote, where the real cause is (an import error, a
 port in use): one process dying must never leave the others serving as if all
-were well. Ctrl-C (or SIGTERM) stops them all and ends the run cleanly.
+were well. Ctrl-C, SIGTERM, SIGHUP (the terminal closing) or SIGQUIT stop them
+all and end the run cleanly; if the supervisor itself is killed outright, the
+kernel sends each child SIGTERM (Linux), so none is left behind either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -23,6 +26,12 @@ from typing import TextIO
 TAIL_LINES = 20
 # How long a child gets to stop on SIGTERM before its process group is killed.
 STOP_GRACE = 10.0
+# After a child exits, how long its output may still drain (a grandchild that
+# inherited the pipe could hold it open for ever).
+DRAIN_GRACE = 1.0
+# A longer line is shown in pieces rather than held in memory whole.
+MAX_LINE = 64 * 1024
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass
@@ -44,28 +53,40 @@ class ChildExited(Exception):
         self.child, self.status = child, status
 
 
-def run(children: Sequence[Child], *, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(
+    children: Sequence[Child],
+    *,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    started: Callable[[], None] | None = None,
+) -> int:
     """Start `children` in order and supervise them; the exit status of the run:
-    0 when stopped by a signal, 1 when a child exited (or never got ready)."""
-    return asyncio.run(_supervise(list(children), out, err))
+    0 when stopped by a signal, 1 when a child exited (or never got ready).
+    `started` is called once every child has started and is ready."""
+    return asyncio.run(_supervise(list(children), _Output(out), err, started))
 
 
-async def _supervise(children: list[Child], out: TextIO, err: TextIO) -> int:
+async def _supervise(children: list[Child], out: _Output, err: TextIO, started: Callable[[], None] | None) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     width = max(len(c.name) for c in children)
-    exits: list[asyncio.Task[None]] = []
+    watchers: list[asyncio.Task[None]] = []
     try:
         for child in children:
-            exits.append(asyncio.create_task(_run_child(child, width, out)))
+            # Spawned here, not in its watcher task: a stop that comes meanwhile
+            # then always finds the process to signal.
+            child.process = await _spawn(child)
+            watchers.append(asyncio.create_task(_watch(child, f"{child.name:<{width}} | ", out)))
             if child.ready is not None:
-                await _wait_ready(child, exits[-1], stop)
+                await _wait_ready(child, watchers[-1], stop)
             if stop.is_set():
                 return 0
+        if started is not None:
+            started()
         stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([*exits, stopping], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([*watchers, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         for task in done:
             if task is not stopping:
@@ -75,19 +96,19 @@ async def _supervise(children: list[Child], out: TextIO, err: TextIO) -> int:
         _report(exc, err)
         return 1
     finally:
-        # A second Ctrl-C while stopping kills at once instead of waiting out the grace.
-        loop.add_signal_handler(signal.SIGINT, lambda: _kill_all(children))
+        # Another stop signal while stopping kills at once instead of waiting out the grace.
+        for signum in STOP_SIGNALS:
+            loop.add_signal_handler(signum, _kill_all, children)
         await _stop_all(children)
-        for task in exits:
+        for task in watchers:
             task.cancel()
-        await asyncio.gather(*exits, return_exceptions=True)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        await asyncio.gather(*watchers, return_exceptions=True)
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 
-async def _run_child(child: Child, width: int, out: TextIO) -> None:
-    """Start the child, copy its output line by line, and raise ChildExited when it ends."""
-    child.process = await asyncio.create_subprocess_exec(
+async def _spawn(child: Child) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         *child.argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -96,24 +117,81 @@ async def _run_child(child: Child, width: int, out: TextIO) -> None:
         # Its own process group: Ctrl-C reaches only us, and we stop each child (and a
         # worker's pool processes) in order, as a group.
         start_new_session=True,
-        limit=1 << 20,  # the longest line it may write (a huge log line must not end the run)
+        preexec_fn=_die_with(os.getpid()) if _prctl is not None else None,
     )
-    assert child.process.stdout is not None
-    prefix = f"{child.name:<{width}} | "
-    async for raw in child.process.stdout:
-        line = raw.decode(errors="replace").rstrip("\r\n")
+
+
+# Looked up here, in the parent: between fork and exec the child should do no more
+# than call it.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL."""
+
+    def arrange() -> None:
+        assert _prctl is not None
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request was in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
+
+
+async def _watch(child: Child, prefix: str, out: _Output) -> None:
+    """Copy the child's output line by line; raise ChildExited when it exits."""
+    assert child.process is not None and child.process.stdout is not None
+    copying = asyncio.create_task(_copy_lines(child, child.process.stdout, prefix, out))
+    try:
+        status = await child.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(copying), DRAIN_GRACE)
+    finally:
+        copying.cancel()
+    raise ChildExited(child, status)
+
+
+async def _copy_lines(child: Child, stream: asyncio.StreamReader, prefix: str, out: _Output) -> None:
+    pending = b""
+    while chunk := await stream.read(MAX_LINE):
+        *lines, pending = (pending + chunk).split(b"\n")
+        if len(pending) >= MAX_LINE:  # no newline in sight: show what there is
+            lines.append(pending)
+            pending = b""
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\r")
+            child.tail.append(line)
+            out.write(prefix + line + "\n")
+    if pending:
+        line = pending.decode(errors="replace").rstrip("\r")
         child.tail.append(line)
         out.write(prefix + line + "\n")
-        out.flush()
-    raise ChildExited(child, await child.process.wait())
 
 
-async def _wait_ready(child: Child, running: asyncio.Task[None], stop: asyncio.Event) -> None:
+class _Output:
+    """The supervisor's stdout; a reader that goes away (`dev | head`) stops the
+    copying, not the run."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream: TextIO | None = stream
+
+    def write(self, text: str) -> None:
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.stream = None
+
+
+async def _wait_ready(child: Child, watching: asyncio.Task[None], stop: asyncio.Event) -> None:
     assert child.ready is not None
     deadline = asyncio.get_running_loop().time() + child.ready_timeout
     while not stop.is_set():
-        if running.done():
-            running.result()  # it exited before it was ready: raises ChildExited
+        if watching.done():
+            watching.result()  # it exited before it was ready: raises ChildExited
         if await asyncio.to_thread(child.ready):
             return
         if asyncio.get_running_loop().time() > deadline:
