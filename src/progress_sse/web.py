@@ -189,6 +189,9 @@ async def start_task(request: web.Request) -> web.Response:
     except ParamError as exc:
         raise error(web.HTTPUnprocessableEntity, f"{exc}.") from None
 
+    # Counted first: once the task is queued, a failure here must not turn its 202
+    # into an error the client would answer by starting it again.
+    workers = await _workers(request.app)
     task_id = str(uuid.uuid4())
     cursor = await asyncio.to_thread(_queue, request.app, task_id, str(name), kwargs)
     # url_for includes the prefix when this app is mounted as a sub-app.
@@ -201,7 +204,7 @@ async def start_task(request: web.Request) -> web.Response:
         "events_url": f"{location}/events",
         # The queued event's: a stream resumed from just before it shows every event.
         "cursor": str(cursor),
-        **await _workers(request.app),
+        **workers,
     }
     return _json(answer, status=202, headers={"Location": location})
 
@@ -245,24 +248,33 @@ def _queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]
             task_id=task_id,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
-    except (OperationalError, OSError) as exc:  # kombu wraps connection failures in OperationalError
-        log.warning("could not publish task %s (%s): %s", task_id, name, exc)
-        publisher.discard(task_id)
-        raise error(
-            web.HTTPServiceUnavailable,
-            "The task queue (Celery broker) is not answering; nothing was queued. Try again shortly.",
-        ) from None
     except Exception as exc:
-        # Not the broker: this process cannot publish at all (a transport that fails
-        # to import, a bad broker URL). Say what it is instead of blaming the broker.
-        log.exception("could not publish task %s (%s)", task_id, name)
         publisher.discard(task_id)
-        raise error(
-            web.HTTPInternalServerError,
-            f"This server cannot queue tasks ({type(exc).__name__}: {exc}); nothing was queued. "
-            "Its operator will find the details in the web process's log.",
-        ) from None
+        raise _broker_failed(exc, f"publish task {task_id} ({name})", "nothing was queued.") from None
     return cursor
+
+
+def _broker_failed(exc: Exception, action: str, consequence: str) -> web.HTTPException:
+    """The answer to a failed call to the Celery broker.
+
+    503 when the broker does not answer: that passes, and the client may retry.
+    Anything else means this process cannot use its broker at all (a transport
+    that fails to import, a bad URL): a 500 that says so, since blaming the broker
+    would send its operator the wrong way. The exception's own text stays in the
+    log; it may describe this server's internals."""
+    if isinstance(exc, OperationalError | OSError):  # kombu wraps connection failures in OperationalError
+        log.warning("could not %s: the broker does not answer: %s", action, exc)
+        return error(
+            web.HTTPServiceUnavailable,
+            f"The task queue (Celery broker) is not answering; {consequence} Try again shortly.",
+            headers={"Retry-After": "2"},
+        )
+    log.error("could not %s: this process cannot use its broker", action, exc_info=exc)
+    return error(
+        web.HTTPInternalServerError,
+        f"This server cannot use its task queue ({type(exc).__name__}); {consequence} "
+        "Its operator will find the cause in the web process's log.",
+    )
 
 
 async def task_state(request: web.Request) -> web.Response:
@@ -342,16 +354,11 @@ async def _cancel(app: web.Application, task_id: str) -> str:
         try:
             await asyncio.to_thread(app[CELERY].control.revoke, task_id, terminate=True, signal="SIGTERM")
         except Exception as exc:
-            log.warning("could not broadcast the revocation of %s: %s", task_id, exc)
             if not waiting:
-                raise error(
-                    web.HTTPServiceUnavailable,
-                    "The task queue (Celery broker) is not answering, so the running task cannot be stopped; "
-                    "try again shortly.",
-                    headers={"Retry-After": "2"},
-                ) from None
+                raise _broker_failed(exc, f"revoke task {task_id}", "the running task cannot be stopped.") from None
             # A waiting task is cancelled all the same: workers check the stored state
             # when its message reaches them (bridge._on_received).
+            log.warning("could not broadcast the revocation of waiting task %s: %s", task_id, exc)
         # A queued task has no worker process to report its revocation soon (it may
         # sit behind others, or no worker may be up): record it now. A running one
         # is terminated by its worker, which reports it; if none does in time, the
