@@ -36,9 +36,12 @@ def main(venv_bin: Path) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="procfile-smoke-"))
     redis_port, web_port = free_port(), free_port()
+    # What a platform gives a dyno, and nothing of CI's own: a PYTHONPATH or a
+    # PROGRESS_SSE_* variable here could hide what this check is for.
     env = {
-        **os.environ,
         "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(workdir),
+        "LANG": "C.UTF-8",
         "PORT": str(web_port),
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
     }
@@ -91,13 +94,22 @@ def spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[b
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """SIGTERM to the process group, SIGKILL to whatever of it is left after 15 s
+    (or at once, for what outlived its leader: the worker's pool processes)."""
+    killpg(process, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        pass
+    killpg(process, signal.SIGKILL)
+    process.wait()
+
+
+def killpg(process: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # the whole group is gone already
+        pass
 
 
 def wait_for_worker(base: str, processes: dict[str, subprocess.Popen[bytes]], deadline: float) -> dict[str, object]:

@@ -19,15 +19,19 @@ def forget_run(client: redis.Redis, marker: str) -> None:
     own = list(client.scan_iter(match=f"*{marker}*", count=1000))
     if own:
         client.delete(*own)
-    for pattern in ("_kombu.binding.*", "_kombu.binding_permanent.*"):
-        for table in client.scan_iter(match=pattern, count=1000):
+    emptied: list[str] = []
+    for prefix in ("_kombu.binding.", "_kombu.binding_permanent."):
+        for table in client.scan_iter(match=f"{prefix}*", count=1000):
             if client.type(table) in ("set", b"set"):
                 ours = [m for m in client.smembers(table) if marker in _text(m)]
                 if ours:
                     client.srem(table, *ours)  # Redis deletes a set that becomes empty
-    # A deadline of a binding table that is gone now refers to nothing.
-    for exchange in client.zrange(BINDING_DEADLINES, 0, -1):
-        if not client.exists(f"_kombu.binding.{_text(exchange)}"):
+                    if prefix == "_kombu.binding." and not client.exists(table):
+                        emptied.append(_text(table).removeprefix(prefix))
+    # The deadline of a binding table this run emptied now refers to nothing. Those
+    # of other tables are kombu's own business, even when their table is missing.
+    for exchange in emptied:
+        if not client.exists(f"_kombu.binding.{exchange}"):  # nobody bound again meanwhile
             client.zrem(BINDING_DEADLINES, exchange)
     for tag, payload in client.hscan_iter(UNACKED):
         if marker in _text(payload):

@@ -84,3 +84,10 @@ def test_a_failed_install_is_tried_again_next_time(checkout: Path) -> None:
     status, calls = run_dev(checkout)
     assert status == 0
     assert len(pip_installs(calls)) == 1
+
+
+def test_a_venv_that_lost_its_console_script_installs_again(checkout: Path) -> None:
+    run_dev(checkout)
+    (checkout / ".venv" / "bin" / "progress-sse").unlink()  # `pip uninstall`: the stamp alone would lie
+    _, calls = run_dev(checkout)
+    assert len(pip_installs(calls)) == 1
