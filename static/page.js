@@ -24,7 +24,6 @@ const CANCELLED = {
   terminated: "Cancelled while it ran: its process was stopped.",
   expired: "Cancelled: it expired before a worker ran it.",
 };
-const NO_WORKER = "No worker is running: started tasks wait in the queue.";
 const STATUS_TEXT = {
   connecting: "connecting…",
   live: "live",
@@ -488,7 +487,7 @@ async function start(form) {
 function showWorkers(body) {
   if (typeof body?.workers !== "number") return;
   workerNotice.dataset.workers = String(body.workers);
-  workerNotice.textContent = body.workers > 0 ? "" : (body.warning ?? NO_WORKER);
+  workerNotice.textContent = body.workers > 0 ? "" : (body.warning ?? ""); // the server words it
 }
 
 async function checkWorkers() {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +22,11 @@ from progress_sse.allowlist import (
     choice,
     integer,
     list_of,
+    load,
     number,
     string,
 )
+from progress_sse.config import ConfigError
 from progress_sse.demo import DEMO_TASKS
 
 
@@ -634,11 +638,18 @@ def test_check_all_refusals_are_param_errors_sent_without_a_prefix(raised: Excep
     assert str(info.value) == message
 
 
-def test_a_type_error_in_check_all_is_a_bug_and_propagates() -> None:
-    # Its values are already checked, so a TypeError there is the code's fault, not the request's.
-    with pytest.raises(TypeError) as info:
-        _together(TypeError("'>' not supported")).check([], {})
-    assert not isinstance(info.value, ParamError)
+def test_a_type_error_in_check_all_refuses_the_request_instead_of_a_500() -> None:
+    """A real case: a comparison with a parameter the client left out, whose default is None."""
+
+    def lo_not_above_hi(params: dict[str, Any]) -> None:
+        if params["lo"] > params["hi"]:
+            raise ParamError("lo must not be above hi")
+
+    task = AllowedTask("t.range", {"lo": (integer(0, 9), None), "hi": (integer(0, 9), 5)}, check_all=lo_not_above_hi)
+    with pytest.raises(ParamError, match="'>' not supported") as info:
+        task.check([], {"hi": 3})
+    assert isinstance(info.value.__cause__, TypeError)
+    assert task.check([], {"lo": 1, "hi": 3}) == {"lo": 1, "hi": 3}
 
 
 # --- declaring tasks --------------------------------------------------------------------
@@ -713,3 +724,20 @@ def test_doc_refusal_table_is_what_the_checks_answer() -> None:
         with pytest.raises(ParamError) as info:
             tasks.check("reports.build", [], json.loads(kwargs))
         assert f"{info.value}." == error  # the server ends the sentence with a full stop
+
+
+def test_load_imports_from_the_current_directory_and_names_a_broken_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = f"userapp_{uuid.uuid4().hex[:8]}"  # a fresh name: nothing cached in sys.modules
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "good.py").write_text(
+        "from progress_sse.allowlist import AllowList, AllowedTask\nTASKS = AllowList([AllowedTask('u.run')])\n"
+    )
+    (tmp_path / package / "broken.py").write_text("TASKS = [\n")
+    monkeypatch.chdir(tmp_path)
+    assert "u.run" in load(f"{package}.good:TASKS")
+    with pytest.raises(ConfigError, match=rf"PROGRESS_SSE_ALLOWLIST='{package}.broken:TASKS' cannot be loaded: Syntax"):
+        load(f"{package}.broken:TASKS")
+    assert str(tmp_path) not in sys.path, "the current directory is on the path only while loading"

@@ -42,6 +42,7 @@ __all__ = [
     "list_of",
     "load",
     "number",
+    "same_json",
     "string",
 ]
 
@@ -246,7 +247,7 @@ def string(max_length: int = DEFAULT_MAX_LENGTH, *, min_length: int = 0) -> Stri
     return String(max_length, min_length)
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_json(a: Any, b: Any) -> bool:
     # 1 == True and 0 == False in Python, but not in JSON; 1 == 1.0 in both.
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
@@ -261,11 +262,13 @@ class Choice:
         _require(bool(self.values), ValueError, "choice() needs at least one value")
         for i, value in enumerate(self.values):
             _require(_is_json_scalar(value), TypeError, f"choice() values must be JSON scalars, not {value!r}")
-            _require(not any(_same(value, seen) for seen in self.values[:i]), ValueError, f"choice() repeats {value!r}")
+            _require(
+                not any(same_json(value, seen) for seen in self.values[:i]), ValueError, f"choice() repeats {value!r}"
+            )
 
     def __call__(self, name: str, value: Any) -> Any:
         for allowed in self.values:
-            if _same(value, allowed):
+            if same_json(value, allowed):
                 return allowed  # the declared value: 2 given for 2.0 publishes 2.0
         shown = ", ".join(_show(allowed) for allowed in self.values)
         raise _refuse(name, f"must be one of {shown}, not {_show(value)}")
@@ -387,13 +390,15 @@ class AllowedTask:
         return checked
 
     def _check_together(self, check_all: Callable[[dict[str, Any]], None], checked: dict[str, Any]) -> None:
-        # Its message may concern several parameters, so it is not prefixed with one;
-        # a ValueError is still a refusal (422), like a checker's.
+        # Its message may concern several parameters, so it is not prefixed with one.
+        # A ValueError or TypeError is still a refusal (422), as from a checker: a
+        # check such as p["lo"] > p["hi"] raises TypeError when a client leaves out
+        # a parameter whose default is None, and a client must never get a 500.
         try:
             check_all(checked)
         except ParamError:
             raise
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             message = _sentence(str(exc)) or f"{self.name} cannot take these parameters together"
             raise ParamError(message) from exc
 
@@ -431,6 +436,10 @@ def load(path: str) -> AllowList:
             value = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {exc}") from None
+    except Exception as exc:  # the module itself is broken: a SyntaxError, a misdeclared AllowedTask
+        raise ConfigError(
+            f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(value, AllowList):
         return value
     if isinstance(value, Iterable) and all(isinstance(t, AllowedTask) for t in value):

@@ -22,7 +22,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from .allowlist import AllowList, Range
+from .allowlist import AllowList, describe_checker, same_json
 
 CSP = "; ".join(
     [
@@ -118,15 +118,12 @@ SIMPLE_ITEMS = frozenset({"integer", "number", "string"})
 
 
 def describe_check(check: Any) -> dict[str, Any]:
-    """What a parameter's check accepts: its own `describe()`, a Range's bounds, or
-    {"kind": "json"} for a plain callable (a user's own check), which takes any JSON."""
-    describe = getattr(check, "describe", None)
-    if callable(describe):
-        described = describe()
-        if isinstance(described, dict) and described.get("kind") in INPUT_KINDS:
-            return described
-    elif isinstance(check, Range):
-        return {"kind": check.kind, "min": check.minimum, "max": check.maximum}
+    """What a parameter's check accepts, as the form needs it: its own description,
+    or {"kind": "json"} for a check that has none (a user's own), or a kind the
+    form has no input for; the JSON field takes every value."""
+    described = describe_checker(check)
+    if isinstance(described, dict) and described.get("kind") in INPUT_KINDS:
+        return described
     return {"kind": "json"}
 
 
@@ -155,7 +152,7 @@ def _param(name: str, check: Any, default: Any) -> dict[str, Any]:
             {
                 "json": json.dumps(choice, ensure_ascii=False),
                 "label": choice if isinstance(choice, str) else json.dumps(choice, ensure_ascii=False),
-                "selected": _same(choice, default),
+                "selected": same_json(choice, default),
             }
             for choice in described.get("choices") or []
         ]
@@ -181,11 +178,6 @@ def _json_text(value: Any) -> str | None:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError):
         return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    # As JSON compares: true is not 1, but 2 is 2.0.
-    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 def _list_param(described: dict[str, Any], default: Any) -> dict[str, Any]:
