@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
-from progress_sse.events import TERMINAL_STATES, dumps, make_event
+from progress_sse.events import TERMINAL_STATES, State, dumps, make_event
 from progress_sse.keys import Keys
 from progress_sse.publisher import Publisher, sync_client
 
@@ -298,3 +298,45 @@ def test_text_that_is_not_valid_unicode_is_still_stored(publisher: Publisher) ->
     publisher.publish(event(task_id, "started"))
     assert publisher.publish(event(task_id, "failure", message=f"cannot import {name}")) is not None
     assert publisher.latest(task_id)["message"] == f"cannot import {name}"
+
+
+def test_finish_carries_the_last_stored_counts_and_the_name(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    publisher.publish(make_event(task_id, "demo.count", State.STARTED))
+    publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=3, total=8))
+    publisher.task_running(task_id, "w@host", "i1")
+    assert publisher.finish(task_id, None, State.LOST, message="gone") is not None
+    latest = publisher.latest(task_id)
+    assert latest is not None
+    assert (latest["state"], latest["name"], latest["current"], latest["total"]) == ("lost", "demo.count", 3, 8)
+    assert latest["message"] == "gone"
+    assert redis_client.hget(keys.running, task_id) is None, "no longer running"
+
+
+def test_finish_fills_a_determinate_bar_on_success_and_prefers_the_callers_counts(publisher: Publisher) -> None:
+    task_id = new_task()
+    publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=1, total=8))
+    publisher.finish(task_id, "demo.count", State.SUCCESS, counts=(7, 8), result=42)
+    latest = publisher.latest(task_id)
+    assert latest is not None
+    assert (latest["current"], latest["total"], latest["result"]) == (8, 8, 42)
+
+
+def test_finish_of_an_indeterminate_task_keeps_its_count_and_unknown_total(publisher: Publisher) -> None:
+    task_id = new_task()
+    publisher.publish(make_event(task_id, "t", State.PROGRESS, current=5, total=None))
+    publisher.finish(task_id, "t", State.SUCCESS)
+    latest = publisher.latest(task_id)
+    assert latest is not None
+    assert (latest["current"], latest["total"]) == (5, None)
+
+
+def test_a_second_finish_is_refused_and_changes_nothing(publisher: Publisher) -> None:
+    task_id = new_task()
+    publisher.publish(make_event(task_id, "t", State.STARTED))
+    assert publisher.finish(task_id, "t", State.SUCCESS) is not None
+    assert publisher.finish(task_id, "t", State.REVOKED, message="Task revoked", reason="revoked") is None
+    latest = publisher.latest(task_id)
+    assert latest is not None and latest["state"] == "success"

@@ -437,9 +437,7 @@ def load(path: str) -> AllowList:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {exc}") from None
     except Exception as exc:  # the module itself is broken: a SyntaxError, a misdeclared AllowedTask
-        raise ConfigError(
-            f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"PROGRESS_SSE_ALLOWLIST={path!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     if isinstance(value, AllowList):
         return value
     if isinstance(value, Iterable) and all(isinstance(t, AllowedTask) for t in value):

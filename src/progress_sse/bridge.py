@@ -23,7 +23,7 @@ from celery import Celery, signals
 
 from . import progress
 from .config import Settings, is_redis_url
-from .events import State, dumps, finite_number, json_safe, make_event
+from .events import State, dumps, json_safe, make_event
 from .progress import Coalescer
 from .publisher import Publisher
 
@@ -318,23 +318,16 @@ def _on_unknown(sender: Any = None, name: str | None = None, id: str | None = No
 
 
 def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
-    """Publish the last pending progress, then `state`, carrying the last known count
-    so a determinate bar stays determinate (and is full on success)."""
+    """Publish the last pending progress, then `state` with the counts it carried:
+    this process knows them better than Redis does while they are unsent."""
     assert _publisher is not None
     coalescer = progress.active()
     last = coalescer.flush(task_id) if coalescer is not None else None
-    if last is None:
-        latest = _publisher.latest(task_id) or {}
-        last = (finite_number(latest.get("current")) or 0, finite_number(latest.get("total")), None)
-    current, total, _ = last
-    if state is State.SUCCESS and total is not None:
-        current = total
-    event = make_event(task_id, name, state, current=current, total=total, message=message, **extra)
-    _publisher.publish_quietly(event)
+    counts = (last[0], last[1]) if last is not None else None
     try:
-        _publisher.task_ended(task_id)  # no longer running (a retry runs again later)
+        _publisher.finish(task_id, name, state, counts=counts, message=message, **extra)
     except Exception:
-        log.warning("progress-sse could not update the running index", exc_info=True)
+        log.warning("progress-sse could not store the %s event of task %s", state, task_id, exc_info=True)
 
 
 def _result(result: Any) -> Any:

@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .config import Settings
-from .events import TERMINAL_STATES, dumps
+from .events import TERMINAL_STATES, State, dumps, finite_number, make_event
 from .keys import Keys
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,38 @@ class Publisher:
                 exc_info=True,
             )
             return None
+
+    def finish(
+        self,
+        task_id: str,
+        name: str | None,
+        state: State,
+        *,
+        counts: tuple[float, float | None] | None = None,
+        message: str | None = None,
+        **extra: Any,
+    ) -> int | None:
+        """End the task's run with `state` (a terminal state, or `retry`): the one
+        way the bridge, a cancel and the reaper end a task.
+
+        The event carries the last known counts, so a determinate bar stays
+        determinate (and is full on success): `counts` (current, total) when the
+        caller knows them better than Redis (the worker's unsent progress), else
+        the stored latest event's. The task leaves the running index either way;
+        a retry runs again later and is indexed again then. Returns the cursor, or
+        None when the task had already ended (the write script refuses a second
+        end, so racing enders are harmless)."""
+        if counts is None or name is None:
+            latest = self.latest(task_id) or {}
+            name = name or latest.get("name")
+            if counts is None:
+                counts = (finite_number(latest.get("current")) or 0, finite_number(latest.get("total")))
+        current, total = counts
+        if state is State.SUCCESS and total is not None:
+            current = total
+        cursor = self.publish(make_event(task_id, name, state, current=current, total=total, message=message, **extra))
+        self.task_ended(task_id)
+        return cursor
 
     def latest(self, task_id: str) -> dict[str, Any] | None:
         """The task's latest stored event, or None (unknown task, or Redis unreachable)."""

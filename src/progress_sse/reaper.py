@@ -17,7 +17,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from .events import State, make_event
+from .events import State
 from .keys import Keys
 from .publisher import Publisher
 
@@ -66,17 +66,8 @@ async def live_workers(client: aioredis.Redis, keys: Keys) -> int:
 
 
 def _mark_lost(publisher: Publisher, task_id: str, host: str) -> None:
-    latest = publisher.latest(task_id) or {}
-    event = make_event(
-        task_id,
-        latest.get("name"),
-        State.LOST,
-        current=latest.get("current") or 0,
-        total=latest.get("total"),
-        message=f"The worker running it ({host}) stopped answering",
-    )
-    publisher.publish(event)  # refused, harmlessly, if it ended meanwhile
-    publisher.task_ended(task_id)
+    # Refused, harmlessly, if it ended meanwhile (or another web process was first).
+    publisher.finish(task_id, None, State.LOST, message=f"The worker running it ({host}) stopped answering")
 
 
 async def run(client: aioredis.Redis, keys: Keys, publisher: Publisher, ttl: int) -> None:

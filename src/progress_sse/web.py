@@ -382,19 +382,8 @@ async def _wait_terminal(watcher: Any, timeout: float) -> None:
 
 
 def _record_revoked(app: web.Application, task_id: str, name: str | None) -> None:
-    publisher = app[PUBLISHER]
-    latest = publisher.latest(task_id) or {}
-    event = make_event(
-        task_id,
-        name,
-        State.REVOKED,
-        current=latest.get("current") or 0,
-        total=latest.get("total"),
-        message="Task revoked",
-        reason="revoked",
-    )
-    publisher.publish(event)  # refused (a no-op) if the worker already ended it
-    publisher.task_ended(task_id)
+    # Refused (a no-op) if the worker already ended it.
+    app[PUBLISHER].finish(task_id, name, State.REVOKED, message="Task revoked", reason="revoked")
 
 
 async def recent_tasks(request: web.Request) -> web.Response:
