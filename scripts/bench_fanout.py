@@ -60,8 +60,9 @@ import redis
 from aiohttp import web
 
 from progress_sse.config import Settings
+from progress_sse.connections import hub_client_name, sync_client
 from progress_sse.events import State, make_event
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.web import HUB, REDIS, create_app
 
 
@@ -460,9 +461,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         await asyncio.sleep(args.idle)
         gc.collect()
         rss_w = rss_kib()
-        pubsub = [
-            c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == f"progress-sse-hub.{prefix}"
-        ]
+        pubsub = [c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == hub_client_name(prefix)]
         checks.check(ready == args.clients, f"only {ready} of {args.clients} clients got their first frame")
         checks.check(watchers == args.clients, f"the hub has {watchers} watchers, not {args.clients}")
         checks.check(len(pubsub) == 1, f"{len(pubsub)} pub/sub connections named progress-sse-hub.{prefix}, not 1")
@@ -479,7 +478,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         published = await recv(pub_conn, 30, "the publisher's report")
         released = await wait_for(lambda: hub.watcher_count == 0 and not hub.subscribed_tasks, 10)
         pubsub_after = [
-            c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == f"progress-sse-hub.{prefix}"
+            c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == hub_client_name(prefix)
         ]
     finally:
         await runner.cleanup()

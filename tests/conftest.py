@@ -24,9 +24,10 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
+from progress_sse.connections import sync_client
 from progress_sse.embedded import EmbeddedRedis, answers
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.web import create_app
 
 from .redis_cleanup import forget_run

@@ -12,9 +12,10 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
+from progress_sse.connections import hub_client_name, sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.web import HUB
 
 from .conftest import Server, wait_until
@@ -185,7 +186,7 @@ async def test_watchers_miss_nothing_when_the_subscriber_connection_is_killed(
         readers = [SSEReader(one), SSEReader(many)]
         before = [await r.until(progressed(5)) for r in readers]
 
-        name = f"progress-sse-hub.{settings.key_prefix}"
+        name = hub_client_name(settings.key_prefix)
         mine = [c for c in redis_client.client_list(_type="pubsub") if c["name"] == name]
         assert len(mine) == 1, "one pub/sub connection per web process"
         redis_client.client_kill_filter(_id=mine[0]["id"])
@@ -252,9 +253,7 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
         try:
             for _ in range(5):
                 got += await reader.until(lambda e: True)
-                mine = [
-                    c for c in redis_client.client_list(_type="pubsub") if c["name"] == f"progress-sse-hub.{prefix}"
-                ]
+                mine = [c for c in redis_client.client_list(_type="pubsub") if c["name"] == hub_client_name(prefix)]
                 redis_client.client_kill_filter(_id=mine[0]["id"])
                 first = int(str(got[-1].id))
                 got += await reader.until(lambda e, first=first: int(str(e.id)) > first + 300)

@@ -23,10 +23,11 @@ import pytest
 
 from progress_sse.allowlist import AllowedTask, AllowList, boolean, choice, integer, list_of, number, string
 from progress_sse.config import Settings
+from progress_sse.connections import sync_client
 from progress_sse.embedded import free_port
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.web import HUB
 
 from .browser import Page, open_browser

@@ -20,10 +20,11 @@ import redis
 
 from progress_sse import progress
 from progress_sse.config import Settings
+from progress_sse.connections import sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.progress import Coalescer, set_message, set_progress, track
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 
 WAIT = 5.0  # seconds: a deadline for something expected within one interval, not a pace
 

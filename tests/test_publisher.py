@@ -18,9 +18,10 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
+from progress_sse.connections import sync_client
 from progress_sse.events import TERMINAL_STATES, State, dumps, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 
 # A port nothing listens on: connection refused at once.
 UNREACHABLE_URL = "redis://127.0.0.1:1/0"

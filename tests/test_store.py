@@ -18,9 +18,10 @@ import redis
 import redis.asyncio as aioredis
 
 from progress_sse.config import Settings
+from progress_sse.connections import sync_client
 from progress_sse.events import Frame, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher, sync_client
+from progress_sse.publisher import Publisher
 from progress_sse.store import Store, describe
 
 

@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from .config import Settings
+from .connections import sync_client
 from .events import TERMINAL_STATES, State, dumps, finite_number, make_event
 from .keys import Keys
 
@@ -53,19 +52,6 @@ redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
 return seq
 """
-
-
-def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
-    """A client that fails fast: a task must never hang on, or retry forever against,
-    a Redis that is down."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        health_check_interval=30,
-        client_name=name,
-    )
 
 
 class Publisher:

@@ -21,8 +21,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from celery import Celery
 from kombu.exceptions import OperationalError
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff, NoBackoff
 
 from . import groups, pages, reaper
 from .allowlist import AllowList, ParamError
@@ -30,6 +28,7 @@ from .allowlist import load as load_allowlist
 from .celery_progress import celery_progress_json
 from .celeryapp import make_celery
 from .config import Settings
+from .connections import hub_client, web_client
 from .demo import DEMO_TASKS
 from .errors import error, json_errors
 from .events import State, is_terminal, make_event
@@ -110,22 +109,9 @@ def create_app(
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = Keys(settings.key_prefix)
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=2.0,
-        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        client_name="progress-sse-web",
-    )
-    # Its own client without retries: the hub reconnects by itself and must know when.
-    hub_client = aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=2.0,
-        retry=AsyncRetry(NoBackoff(), 0),
-        client_name=f"progress-sse-hub.{settings.key_prefix}",
-    )
-    hub = Hub(hub_client, keys)
+    client = web_client(settings)
+    hub_redis = hub_client(settings)
+    hub = Hub(hub_redis, keys)
     app[REDIS] = client
     app[STORE] = Store(client, keys)
     app[HUB] = hub
@@ -140,7 +126,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await reaper_task
         await hub.close()
-        await hub_client.aclose()
+        await hub_redis.aclose()
         await client.aclose()
         app[PUBLISHER].client.close()
         await asyncio.to_thread(app[CELERY].close)
