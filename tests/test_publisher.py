@@ -11,7 +11,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,13 +24,6 @@ from progress_sse.publisher import Publisher
 
 # A port nothing listens on: connection refused at once.
 UNREACHABLE_URL = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
-    client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
-    yield Publisher(client, keys, history_ttl=600, history_max=1000)
-    client.close()
 
 
 def new_task() -> str:
