@@ -24,13 +24,17 @@ from .keys import Keys
 
 log = logging.getLogger(__name__)
 
-_APPEND = """
+# The terminal states, as the Lua test `prev == 'success' or …`: generated from the
+# one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
+_PREV_IS_TERMINAL = " or ".join(f"prev == '{state}'" for state in sorted(TERMINAL_STATES))
+
+_APPEND = f"""
 local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq')
 local prev = cur[1]
 if prev then
   -- The same call again (redis-py retried after a reply was lost): already stored.
   if cur[2] == ARGV[8] then return tonumber(cur[3]) end
-  if prev == 'success' or prev == 'failure' or prev == 'revoked' or prev == 'lost' then
+  if {_PREV_IS_TERMINAL} then
     return 0
   end
   -- `queued` only opens a log: a retry publishes the task again under the same id.
