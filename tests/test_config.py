@@ -123,6 +123,8 @@ BAD_VALUES = [
     ("REDIS_URL", "localhost:6379"),
     ("REDIS_URL", "http://redis.example:6379/0"),
     ("REDIS_URL", "redis:/missing-slash"),
+    ("REDIS_URL", "amqp://guest@rabbit//"),  # the broker's kind of URL, not one for events
+    ("REDIS_URL", "sentinel://host:26379"),
     ("CELERY_BROKER_URL", "rabbit"),
     ("CELERY_BROKER_URL", "https://broker.example"),
     ("PORT", "nope"),

@@ -44,10 +44,10 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         d = cls()  # the defaults (slots=True leaves no class attributes to read them from)
-        redis_url = _get(environ, "REDIS_URL", _url, d.redis_url)
+        redis_url = _get(environ, "REDIS_URL", _redis_url, d.redis_url)
         return cls(
             redis_url=redis_url,
-            broker_url=_get(environ, "CELERY_BROKER_URL", _url, redis_url),
+            broker_url=_get(environ, "CELERY_BROKER_URL", _broker_url, redis_url),
             host=_get(environ, "HOST", _nonempty, d.host),
             port=_get(environ, "PORT", _port, d.port),
             heartbeat=_get(environ, "PROGRESS_SSE_HEARTBEAT", _positive_float, d.heartbeat),
@@ -88,9 +88,18 @@ def _get(environ: Mapping[str, str], key: str, parse: Callable[[str], _T], defau
         raise ConfigError(f"{key}={raw!r} is not valid: {exc}") from None
 
 
-def _url(raw: str) -> str:
-    if not re.match(r"^(redis|rediss|unix|amqp|amqps|pyamqp|memory|sentinel)://", raw):
-        raise ValueError("expected a URL such as redis://localhost:6379/0")
+def _redis_url(raw: str) -> str:
+    # Events live in Redis whatever the broker is: an amqp:// URL here would only
+    # fail later, with a traceback, when the first client connects.
+    if not is_redis_url(raw) or "://" not in raw:
+        raise ValueError("expected a Redis URL: redis://host:6379/0, rediss://… or unix:///path/redis.sock")
+    return raw
+
+
+def _broker_url(raw: str) -> str:
+    # The transports Celery users run; Sentinel is a Redis one.
+    if not re.match(r"^(redis|rediss|unix|sentinel|amqp|amqps|pyamqp|memory)://", raw):
+        raise ValueError("expected a Celery broker URL such as redis://localhost:6379/0 or amqp://host//")
     return raw
 
 
