@@ -101,16 +101,8 @@ def publisher(settings: Settings, keys: Keys) -> Iterator[Publisher]:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        REDIS_URL=settings.redis_url,
-        CELERY_BROKER_URL=settings.broker_url,
-        PROGRESS_SSE_KEY_PREFIX=settings.key_prefix,
-        PROGRESS_SSE_QUEUE=settings.queue,
-        PROGRESS_SSE_MAX_RATE=str(settings.max_rate),
-        PROGRESS_SSE_WORKER_TTL=str(settings.worker_ttl),
-    )
-    return env
+    """The environment of a subprocess that runs with `settings`."""
+    return {**os.environ, **settings.to_env()}
 
 
 class Worker:

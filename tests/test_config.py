@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from progress_sse import cli
-from progress_sse.config import DEFAULT_REDIS_URL, ConfigError, Settings
+from progress_sse.config import DEFAULT_REDIS_URL, TABLE, ConfigError, Settings
 
 ALL_VARIABLES = (
     "REDIS_URL",
@@ -260,3 +261,33 @@ def test_web_with_an_allow_list_that_does_not_import_stops_with_the_setting_name
     assert cli.main(["web", "--allowlist", "nowhere.at_all:TASKS", "--port", "8999"]) == 2
     err = capsys.readouterr().err
     assert "PROGRESS_SSE_ALLOWLIST='nowhere.at_all:TASKS'" in err and "cannot be loaded" in err
+
+
+def test_settings_round_trip_through_the_environment_they_hand_to_children() -> None:
+    changed = Settings(
+        redis_url="redis://cache:6380/2",
+        broker_url="amqp://guest@rabbit//",
+        host="127.0.0.1",
+        port=9001,
+        heartbeat=2.5,
+        history_ttl=60,
+        history_max=50,
+        max_rate=7.5,
+        key_prefix="shop",
+        queue="reports",
+        worker_ttl=9,
+        allowlist="shop.progress:TASKS",
+    )
+    assert Settings.from_env(changed.to_env()) == changed
+    assert "PROGRESS_SSE_ALLOWLIST" not in Settings().to_env(), "no allow-list: the demo tasks"
+
+
+def test_the_readme_configuration_table_is_the_settings_table() -> None:
+    """Every setting, in order, with its default; nothing else."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    assert [name.strip().strip("`") for name, _ in rows] == [s.env for s in TABLE]
+    defaults = Settings()
+    for (_, cell), setting in zip(rows, TABLE, strict=True):
+        assert setting.default_help(defaults) in cell, (setting.env, cell)

@@ -24,6 +24,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from . import config
 from .config import ConfigError, Settings, redacted
 from .embedded import EmbeddedRedisError
 
@@ -69,51 +70,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--redis-url",
-            help="Redis for events, and the broker unless CELERY_BROKER_URL is set "
-            "[env REDIS_URL; default redis://localhost:6379/0]",
-        )
-        p.add_argument("--broker-url", help="Celery broker [env CELERY_BROKER_URL; default: the Redis URL]")
-        p.add_argument(
-            "--queue", help="Celery queue for tasks started over HTTP [env PROGRESS_SSE_QUEUE; default celery]"
-        )
-        p.add_argument(
-            "--key-prefix",
-            help="prefix of every Redis key and channel [env PROGRESS_SSE_KEY_PREFIX; default progress-sse]",
-        )
-
-    def web_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--host", help="interface to listen on [env HOST; default 0.0.0.0]")
-        p.add_argument("--port", help="port to listen on [env PORT; default 8000]")
-        p.add_argument("--heartbeat", help="seconds between ': ping' comments [env PROGRESS_SSE_HEARTBEAT; default 15]")
-        p.add_argument(
-            "--allowlist",
-            help="package.module:ATTRIBUTE naming the AllowList of tasks POST /tasks may start "
-            "[env PROGRESS_SSE_ALLOWLIST; default: the demo tasks]",
-        )
-
     web = sub.add_parser("web", help="serve the HTTP API and the event streams (Procfile: web)")
-    common(web)
-    web_options(web)
+    _setting_flags(web, "web")
     worker = sub.add_parser(
         "worker",
         help="run a Celery worker with the bridge and the demo tasks (Procfile: worker)",
         description="Runs `celery worker` for progress_sse.tasks; arguments it does not know are passed to Celery.",
     )
-    common(worker)
+    _setting_flags(worker, "worker")
     worker.add_argument("--concurrency", type=int, help="pool processes [Celery's default: one per CPU]")
     dev = sub.add_parser(
         "dev",
         help="run web + worker (+ an embedded Redis when none is around) in one command",
         description="Uses REDIS_URL if set, else a Redis on localhost:6379 if one answers, else starts a private one.",
     )
-    common(dev)
-    web_options(dev)
+    _setting_flags(dev, "dev")
     dev.add_argument("--concurrency", type=int, default=2, help="worker pool processes [default 2]")
     _client_parsers(sub)
     return parser
+
+
+def _setting_flags(command: argparse.ArgumentParser, name: str) -> None:
+    """The flags of a server command, from config.TABLE: each names its variable and default."""
+    defaults = Settings()
+    for setting in config.TABLE:
+        if setting.flag and name in setting.commands:
+            command.add_argument(
+                setting.flag,
+                dest=setting.attr,
+                help=f"{setting.help} [env {setting.env}; default {setting.default_help(defaults)}]",
+            )
 
 
 # What `watch` (and `start --watch`) exits with, by the task's terminal state.
@@ -461,17 +447,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _flag_env(args: argparse.Namespace) -> dict[str, str]:
     """The command's flags as the environment variables they stand for (a flag wins)."""
-    flags = {
-        "redis_url": "REDIS_URL",
-        "broker_url": "CELERY_BROKER_URL",
-        "queue": "PROGRESS_SSE_QUEUE",
-        "key_prefix": "PROGRESS_SSE_KEY_PREFIX",
-        "host": "HOST",
-        "port": "PORT",
-        "heartbeat": "PROGRESS_SSE_HEARTBEAT",
-        "allowlist": "PROGRESS_SSE_ALLOWLIST",
-    }
-    return {var: str(value) for attr, var in flags.items() if (value := getattr(args, attr, None)) is not None}
+    pairs = ((s.env, getattr(args, s.attr, None)) for s in config.TABLE if s.flag)
+    return {env: str(value) for env, value in pairs if value is not None}
 
 
 def _web(settings: Settings) -> int:
@@ -549,12 +526,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
 
 def _export(settings: Settings) -> None:
     """The worker reads its settings from the environment (celery imports the app)."""
-    os.environ.update(
-        REDIS_URL=settings.redis_url,
-        CELERY_BROKER_URL=settings.broker_url,
-        PROGRESS_SSE_QUEUE=settings.queue,
-        PROGRESS_SSE_KEY_PREFIX=settings.key_prefix,
-    )
+    os.environ.update(settings.to_env())
 
 
 if __name__ == "__main__":

@@ -44,25 +44,46 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         d = cls()  # the defaults (slots=True leaves no class attributes to read them from)
-        redis_url = _get(environ, "REDIS_URL", _redis_url, d.redis_url)
-        return cls(
-            redis_url=redis_url,
-            broker_url=_get(environ, "CELERY_BROKER_URL", _broker_url, redis_url),
-            host=_get(environ, "HOST", _nonempty, d.host),
-            port=_get(environ, "PORT", _port, d.port),
-            heartbeat=_get(environ, "PROGRESS_SSE_HEARTBEAT", _positive_float, d.heartbeat),
-            history_ttl=_get(environ, "PROGRESS_SSE_HISTORY_TTL", _positive_int, d.history_ttl),
-            history_max=_get(environ, "PROGRESS_SSE_HISTORY_MAX", _positive_int, d.history_max),
-            max_rate=_get(environ, "PROGRESS_SSE_MAX_RATE", _positive_float, d.max_rate),
-            key_prefix=_get(environ, "PROGRESS_SSE_KEY_PREFIX", _key_prefix, d.key_prefix),
-            queue=_get(environ, "PROGRESS_SSE_QUEUE", _nonempty, d.queue),
-            allowlist=_get(environ, "PROGRESS_SSE_ALLOWLIST", _import_path, d.allowlist),
-            worker_ttl=_get(environ, "PROGRESS_SSE_WORKER_TTL", _positive_int, d.worker_ttl),
-        )
+        values: dict[str, Any] = {}
+        for setting in TABLE:  # in order: a default may be an earlier setting's value
+            default = values[setting.default_from] if setting.default_from else getattr(d, setting.attr)
+            values[setting.attr] = _get(environ, setting.env, setting.parse, default)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables that give them: for child
+        processes, which read their settings from the environment."""
+        pairs = ((s.env, getattr(self, s.attr)) for s in TABLE)
+        return {env: str(value) for env, value in pairs if value is not None}
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the CLI's flags use it)."""
         return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting, declared once: `Settings.from_env`, the server commands' flags,
+    the environment handed to child processes and the README's configuration table
+    (checked by tests/test_config.py) all come from `TABLE`."""
+
+    attr: str  # the Settings field
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    # The command-line flag, on the server commands in `commands`.
+    flag: str | None = None
+    commands: frozenset[str] = frozenset()
+    # An earlier setting whose value is the default, e.g. the broker is the Redis.
+    default_from: str | None = None
+    # How the default reads in --help, when not as the field's value.
+    default_text: str | None = None
+
+    def default_help(self, settings: Settings) -> str:
+        if self.default_text is not None:
+            return self.default_text
+        value = getattr(settings, self.attr)
+        return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def redacted(url: str) -> str:
@@ -149,3 +170,67 @@ def _key_prefix(raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", raw):
         raise ValueError("expected 1 to 64 letters, digits or _ . : -")
     return raw
+
+
+_SERVERS = frozenset({"web", "worker", "dev"})
+_WEB = frozenset({"web", "dev"})
+
+TABLE: tuple[Setting, ...] = (
+    Setting(
+        "redis_url",
+        "REDIS_URL",
+        _redis_url,
+        "Redis for events, and the Celery broker unless CELERY_BROKER_URL is set",
+        "--redis-url",
+        _SERVERS,
+    ),
+    Setting(
+        "broker_url",
+        "CELERY_BROKER_URL",
+        _broker_url,
+        "Celery broker",
+        "--broker-url",
+        _SERVERS,
+        default_from="redis_url",
+        default_text="the Redis URL",
+    ),
+    Setting("port", "PORT", _port, "port to listen on", "--port", _WEB),
+    Setting("host", "HOST", _nonempty, "interface to listen on", "--host", _WEB),
+    Setting(
+        "heartbeat", "PROGRESS_SSE_HEARTBEAT", _positive_float, "seconds between ': ping' comments", "--heartbeat", _WEB
+    ),
+    Setting(
+        "history_ttl",
+        "PROGRESS_SSE_HISTORY_TTL",
+        _positive_int,
+        "seconds a task's events are kept after its last event",
+    ),
+    Setting(
+        "history_max", "PROGRESS_SSE_HISTORY_MAX", _positive_int, "events kept per task (the log is capped, roughly)"
+    ),
+    Setting("max_rate", "PROGRESS_SSE_MAX_RATE", _positive_float, "progress publishes per second per task"),
+    Setting(
+        "key_prefix",
+        "PROGRESS_SSE_KEY_PREFIX",
+        _key_prefix,
+        "prefix of every Redis key and channel",
+        "--key-prefix",
+        _SERVERS,
+    ),
+    Setting("queue", "PROGRESS_SSE_QUEUE", _nonempty, "Celery queue for tasks started over HTTP", "--queue", _SERVERS),
+    Setting(
+        "worker_ttl",
+        "PROGRESS_SSE_WORKER_TTL",
+        _positive_int,
+        "seconds without a heartbeat after which a worker's running tasks end as lost",
+    ),
+    Setting(
+        "allowlist",
+        "PROGRESS_SSE_ALLOWLIST",
+        _import_path,
+        "package.module:ATTRIBUTE naming the AllowList of tasks POST /tasks may start",
+        "--allowlist",
+        _WEB,
+        default_text="the demo tasks",
+    ),
+)
