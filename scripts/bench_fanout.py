@@ -9,7 +9,7 @@ How it runs (three processes, so the server is measured on its own):
   clients, each its own HTTP connection (one `aiohttp.ClientSession` with no
   connection limit), spread round-robin over `--tasks` T tasks via
   `GET /tasks/<id>/events`, reading frames line by line.
-* **publisher** (a spawned process): the sync `progress_sse.publisher.Publisher`.
+* **publisher** (a spawned process): the sync `progress_sse.worker.publisher.Publisher`.
   It first stores a `queued` event per task (before the server starts), later
   publishes `--events` E `progress` events per task, round-robin over the tasks at
   `--rate` events/s per task (0 = as fast as it can), each carrying
@@ -62,8 +62,8 @@ from aiohttp import web
 from progress_sse.config import Settings
 from progress_sse.connections import hub_client_name, sync_client
 from progress_sse.events import State, make_event
-from progress_sse.publisher import Publisher
 from progress_sse.web import HUB, REDIS, create_app
+from progress_sse.worker.publisher import Publisher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,12 +34,12 @@ from collections.abc import Callable
 
 import redis
 
-from progress_sse import progress
 from progress_sse.config import Settings
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.progress import Coalescer, set_progress
-from progress_sse.publisher import Publisher
+from progress_sse.worker import progress
+from progress_sse.worker.progress import Coalescer, set_progress
+from progress_sse.worker.publisher import Publisher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

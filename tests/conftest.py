@@ -23,12 +23,12 @@ import aiohttp
 import pytest
 import redis
 
+from progress_sse.cli.embedded import EmbeddedRedis, answers
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
-from progress_sse.embedded import EmbeddedRedis, answers
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
 from progress_sse.web import create_app
+from progress_sse.worker.publisher import Publisher
 
 from .redis_cleanup import forget_run
 

@@ -27,7 +27,7 @@ from progress_sse.allowlist import (
     string,
 )
 from progress_sse.config import ConfigError
-from progress_sse.demo import DEMO_TASKS
+from progress_sse.worker.demo import DEMO_TASKS
 
 
 def _width_not_above_limit(params: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import progress_sse
 from progress_sse.config import Settings
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
+from progress_sse.worker.publisher import Publisher
 
 OTHER_DB = 14  # not the suite's database: proves the app's broker was followed
 
@@ -50,7 +50,7 @@ def test_without_redis_url_events_go_to_the_apps_redis_broker(
     installed: list[Publisher], settings: Settings, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker = db_url(settings.redis_url, OTHER_DB)
-    with caplog.at_level(logging.INFO, logger="progress_sse.bridge"):
+    with caplog.at_level(logging.INFO, logger="progress_sse.worker.bridge"):
         publisher = progress_sse.install(Celery("shop", broker=broker))
     installed.append(publisher)
     task_id = record_one(publisher)
@@ -92,7 +92,7 @@ def test_failover_brokers_use_the_first(installed: list[Publisher], settings: Se
 
 
 def test_the_log_line_never_shows_the_password(installed: list[Publisher], caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="progress_sse.bridge"):
+    with caplog.at_level(logging.INFO, logger="progress_sse.worker.bridge"):
         installed.append(progress_sse.install(Celery("shop", broker="redis://:s3cret@cache.internal:6380/3")))
     assert "redis://cache.internal:6380/3" in caplog.text
     assert "s3cret" not in caplog.text

@@ -19,12 +19,12 @@ from typing import Any, cast
 
 import pytest
 
-from progress_sse import progress
 from progress_sse.celery_progress import PROGRESS_STATE, ProgressRecorder, celery_progress_json
 from progress_sse.events import State, dumps, make_event
-from progress_sse.progress import Coalescer
-from progress_sse.publisher import Publisher
-from progress_sse.store import describe
+from progress_sse.web.store import describe
+from progress_sse.worker import progress
+from progress_sse.worker.progress import Coalescer
+from progress_sse.worker.publisher import Publisher
 
 WAIT = 5.0
 TASK = "shop.generate_invoices"

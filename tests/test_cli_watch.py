@@ -28,10 +28,10 @@ import pytest
 from aiohttp import web
 from rich.console import Console
 
-from progress_sse.cli import _stopped_watching
-from progress_sse.client import Reconnecting, TaskEvent
-from progress_sse.embedded import free_port
-from progress_sse.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
+from progress_sse.cli.client import Reconnecting, TaskEvent
+from progress_sse.cli.commands import _stopped_watching
+from progress_sse.cli.embedded import free_port
+from progress_sse.cli.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
 
 from .conftest import Server
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from progress_sse.cli.embedded import free_port
 from progress_sse.config import Settings
-from progress_sse.embedded import free_port
 from progress_sse.web import MAX_REQUEST_LINE
 
 from .conftest import worker_env

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from progress_sse.client import (
+from progress_sse.cli.client import (
     CannotConnect,
     Reconnecting,
     Rejected,
@@ -29,8 +29,8 @@ from progress_sse.client import (
     new_session,
     start_task,
 )
+from progress_sse.cli.decoder import MAX_LINE, SSEDecoder, SSEError, SSEFrame
 from progress_sse.config import Settings
-from progress_sse.sse import MAX_LINE, SSEDecoder, SSEError, SSEFrame
 from progress_sse.web import create_app
 
 from .conftest import wait_until

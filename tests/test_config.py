@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from progress_sse import cli
+from progress_sse.cli import commands as cli
 from progress_sse.config import DEFAULT_REDIS_URL, TABLE, ConfigError, Settings
 
 ALL_VARIABLES = (

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from progress_sse import supervisor
+from progress_sse.cli import supervisor
+from progress_sse.cli.embedded import EmbeddedRedis, answers, free_port
 from progress_sse.config import Settings
-from progress_sse.embedded import EmbeddedRedis, answers, free_port
 
 from .conftest import worker_env
 

@@ -15,8 +15,8 @@ from progress_sse.config import Settings
 from progress_sse.connections import hub_client_name, sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
 from progress_sse.web import HUB
+from progress_sse.worker.publisher import Publisher
 
 from .conftest import Server, wait_until
 from .sse import SSEEvent, SSEReader

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from celery import Celery, group
 
-from progress_sse import bridge
-from progress_sse.celeryapp import make_celery
 from progress_sse.config import Settings
-from progress_sse.groups import aggregate
+from progress_sse.web.groups import aggregate
+from progress_sse.worker import bridge
+from progress_sse.worker.celery_app import make_celery
 
 from .conftest import Server
 from .sse import SSEReader

@@ -22,13 +22,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-import progress_sse.hub as hub_module
+import progress_sse.web.hub as hub_module
 from progress_sse.config import Settings
 from progress_sse.events import Frame, make_event
-from progress_sse.hub import Hub, HubUnavailable, Item, Signal, Watcher
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
-from progress_sse.store import Store
+from progress_sse.web.hub import Hub, HubUnavailable, Item, Signal, Watcher
+from progress_sse.web.store import Store
+from progress_sse.worker.publisher import Publisher
 
 from .conftest import wait_until
 

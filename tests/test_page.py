@@ -22,13 +22,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from progress_sse.allowlist import AllowedTask, AllowList, boolean, choice, integer, list_of, number, string
+from progress_sse.cli.embedded import free_port
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
-from progress_sse.embedded import free_port
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
 from progress_sse.web import HUB
+from progress_sse.worker.publisher import Publisher
 
 from .browser import Page, open_browser
 from .conftest import Server, Worker, wait_until, worker_env
@@ -357,7 +357,7 @@ async def test_page_reconnects_by_itself_after_error_responses(server: Server, p
 
 async def load_client(page: Page, server: Server) -> None:
     """The reusable client itself, imported into a page of the same origin."""
-    from progress_sse.pages import ASSETS
+    from progress_sse.web.pages import ASSETS
 
     await page.page.goto(server.url(f"/tasks/{uuid.uuid4()}"))  # any page of the origin
     page.forgive("404 (Not Found)")

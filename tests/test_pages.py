@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from progress_sse.config import Settings
-from progress_sse.pages import ASSETS, CSP, Assets, asset_dir, wants_html
+from progress_sse.web.pages import ASSETS, CSP, Assets, asset_dir, wants_html
 
 from .conftest import Server
 

@@ -18,13 +18,13 @@ from typing import Any, cast
 import pytest
 import redis
 
-from progress_sse import progress
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.progress import Coalescer, set_message, set_progress, track
-from progress_sse.publisher import Publisher
+from progress_sse.worker import progress
+from progress_sse.worker.progress import Coalescer, set_message, set_progress, track
+from progress_sse.worker.publisher import Publisher
 
 WAIT = 5.0  # seconds: a deadline for something expected within one interval, not a pace
 
@@ -499,7 +499,7 @@ def test_redis_down_never_raises_into_the_task(
     try:
         coalescer = use_coalescer(Publisher(client, Keys(settings.key_prefix)), max_rate=20)
         task_id = new_task_id()
-        with caplog.at_level(logging.WARNING, logger="progress_sse.publisher"):
+        with caplog.at_level(logging.WARNING, logger="progress_sse.worker.publisher"):
             set_progress(1, 3, "one", task_id=task_id)
             set_progress(2, 3, "two", task_id=task_id)
             set_message("three", task_id=task_id)

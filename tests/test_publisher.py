@@ -20,7 +20,7 @@ from progress_sse.config import Settings
 from progress_sse.connections import sync_client
 from progress_sse.events import TERMINAL_STATES, State, dumps, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
+from progress_sse.worker.publisher import Publisher
 
 # A port nothing listens on: connection refused at once.
 UNREACHABLE_URL = "redis://127.0.0.1:1/0"
@@ -241,7 +241,7 @@ def test_publish_quietly_returns_none_when_redis_is_unreachable(keys: Keys, capl
     try:
         publisher = Publisher(client, keys)
         task_id = new_task()
-        with caplog.at_level(logging.WARNING, logger="progress_sse.publisher"):
+        with caplog.at_level(logging.WARNING, logger="progress_sse.worker.publisher"):
             assert publisher.publish_quietly(event(task_id, "progress", current=1, total=2)) is None
         with pytest.raises(redis.ConnectionError):
             publisher.publish(event(task_id, "progress", current=1, total=2))

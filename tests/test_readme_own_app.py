@@ -63,7 +63,7 @@ import aiohttp
 import pytest
 import redis
 
-from progress_sse.embedded import EmbeddedRedis, free_port
+from progress_sse.cli.embedded import EmbeddedRedis, free_port
 
 from .browser import Page, chromium_path, open_browser
 from .sse import SSEReader

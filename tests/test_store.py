@@ -21,8 +21,8 @@ from progress_sse.config import Settings
 from progress_sse.connections import sync_client
 from progress_sse.events import Frame, make_event
 from progress_sse.keys import Keys
-from progress_sse.publisher import Publisher
-from progress_sse.store import Store, describe
+from progress_sse.web.store import Store, describe
+from progress_sse.worker.publisher import Publisher
 
 
 @pytest.fixture

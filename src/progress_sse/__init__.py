@@ -1,9 +1,9 @@
 """Live progress for Celery tasks over Server-Sent Events."""
 
-from .bridge import install, uninstall
 from .config import ConfigError, Settings
 from .events import State
-from .progress import set_message, set_progress, track
+from .worker.bridge import install, uninstall
+from .worker.progress import set_message, set_progress, track
 
 __all__ = [
     "ConfigError",

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from . import progress
 from .events import State, finite_number
+from .worker import progress
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ def web_client(settings: Settings) -> aioredis.Redis:
 
 def hub_client(settings: Settings) -> aioredis.Redis:
     """The hub's one pub/sub connection, without retries: the hub reconnects by
-    itself, and must know when it has to (hub.py)."""
+    itself, and must know when it has to (web/hub.py)."""
     return aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,

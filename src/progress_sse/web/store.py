@@ -2,7 +2,7 @@
 
 The reads a watcher starts from are one MULTI transaction, so every task on a stream
 is seen at the same instant: the sequence value `upto` read with them is then a
-single position that covers all of them (see streams.py for why that makes
+single position that covers all of them (see web/delivery.py for why that makes
 delivery gapless and exactly-once).
 """
 
@@ -16,8 +16,8 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from .events import Frame, is_terminal
-from .keys import Keys
+from ..events import Frame, is_terminal
+from ..keys import Keys
 
 _STATE_FIELDS = ("state", "seq", "latest", "events")
 

@@ -28,8 +28,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .events import Frame
-from .keys import Keys
+from ..events import Frame
+from ..keys import Keys
 
 log = logging.getLogger(__name__)
 

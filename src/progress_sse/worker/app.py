@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 
+from ..config import Settings
 from . import demo
 from .bridge import install
-from .celeryapp import make_celery
-from .config import Settings
+from .celery_app import make_celery
 
 settings = Settings.from_env(os.environ)
 app = make_celery(settings)

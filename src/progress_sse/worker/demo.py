@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from .allowlist import AllowedTask, AllowList, ParamError, integer, number
+from ..allowlist import AllowedTask, AllowList, ParamError, integer, number
 from .progress import set_message, set_progress
 
 

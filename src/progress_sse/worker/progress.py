@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .events import State, finite_number, make_event
+from ..events import State, finite_number, make_event
 from .publisher import Publisher
 
 log = logging.getLogger(__name__)

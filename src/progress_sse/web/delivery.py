@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
+from ..events import PING, unknown_task_frame
 from .errors import error
-from .events import PING, unknown_task_frame
 from .hub import Hub, Signal
 from .store import Store
 

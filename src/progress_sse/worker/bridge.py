@@ -21,9 +21,9 @@ from typing import Any
 
 from celery import Celery, signals
 
+from ..config import Settings, is_redis_url
+from ..events import State, dumps, json_safe, make_event
 from . import progress
-from .config import Settings, is_redis_url
-from .events import State, dumps, json_safe, make_event
 from .progress import Coalescer
 from .publisher import Publisher
 
@@ -45,7 +45,7 @@ _instance = uuid.uuid4().hex
 class _Heartbeat(threading.Thread):
     """Keeps `<prefix>:worker:{hostname}` alive while the worker's parent process is.
     When it expires (the worker was killed outright, no signal sent), the web
-    process marks the worker's running tasks `lost` (reaper.py)."""
+    process marks the worker's running tasks `lost` (web/reaper.py)."""
 
     def __init__(self, publisher: Publisher, hostname: str, ttl: int) -> None:
         super().__init__(name="progress-sse heartbeat", daemon=True)

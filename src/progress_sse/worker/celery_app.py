@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .config import Settings
+from ..config import Settings
 
 
 def make_celery(settings: Settings, *, main: str = "progress_sse") -> Celery:

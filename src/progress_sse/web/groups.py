@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
+from .delivery import SSE_HEADERS, parse_cursor
 from .errors import error
-from .events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
 from .hub import Hub, Signal
 from .store import Store
-from .streams import SSE_HEADERS, parse_cursor
 
 
 def aggregate(group_id: str, members: Mapping[str, dict[str, Any]], expected: int) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
-from .config import Settings
-from .connections import sync_client
-from .events import TERMINAL_STATES, State, dumps, finite_number, make_event
-from .keys import Keys
+from ..config import Settings
+from ..connections import sync_client
+from ..events import TERMINAL_STATES, State, dumps, finite_number, make_event
+from ..keys import Keys
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from .events import State
-from .keys import Keys
-from .publisher import Publisher
+from ..events import State
+from ..keys import Keys
+from ..worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from .events import dumps
+from ..events import dumps
 from .hub import HubUnavailable
 
 log = logging.getLogger(__name__)

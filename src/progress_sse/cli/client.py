@@ -21,8 +21,8 @@ from urllib.parse import quote
 
 import aiohttp
 
-from .events import TERMINAL_STATES
-from .sse import SSEDecoder, SSEError
+from ..events import TERMINAL_STATES
+from .decoder import SSEDecoder, SSEError
 
 # The server pings every 15 s by default. Three missed pings means the connection
 # is dead even if TCP has not noticed (a NAT box forgot it, a laptop slept).

@@ -22,7 +22,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from .allowlist import AllowList, describe_checker, same_json
+from ..allowlist import AllowList, describe_checker, same_json
+from .context import ALLOWLIST
 
 CSP = "; ".join(
     [
@@ -51,7 +52,7 @@ def asset_dir(name: str) -> Path:
     spec = importlib.util.find_spec(f"progress_sse._{name}")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parents[2] / name
+    return Path(__file__).resolve().parents[3] / name
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,6 @@ def _forms(allowlist: AllowList) -> list[dict[str, Any]]:
 
 
 async def index(request: web.Request) -> web.Response:
-    from .web import ALLOWLIST
-
     allowlist = request.app[ALLOWLIST]
     context = {
         "forms": _forms(allowlist),

@@ -24,8 +24,8 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import config
-from .config import ConfigError, Settings, redacted
+from .. import config
+from ..config import ConfigError, Settings, redacted
 from .embedded import EmbeddedRedisError
 
 if TYPE_CHECKING:
@@ -454,7 +454,7 @@ def _flag_env(args: argparse.Namespace) -> dict[str, str]:
 def _web(settings: Settings) -> int:
     from aiohttp import web
 
-    from .web import RUN_OPTIONS, create_app
+    from ..web import RUN_OPTIONS, create_app
 
     def serving(_aiohttp_banner: str) -> None:
         # Called once the socket listens: the line means a client can connect now.
@@ -474,7 +474,7 @@ def _web(settings: Settings) -> int:
 
 def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) -> int:
     _export(settings)
-    from .tasks import app
+    from ..worker.app import app
 
     argv = ["worker", "--loglevel=INFO", f"--queues={settings.queue}"]
     if concurrency:
@@ -486,7 +486,7 @@ def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) ->
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
     """web + worker (+ an embedded Redis) as supervised child processes: if any of
     them exits, the others are stopped and the run fails, naming it and its last
-    lines (supervisor.py)."""
+    lines (cli/supervisor.py)."""
     from . import supervisor
     from .embedded import EmbeddedRedis, answers, listening
 

@@ -1,0 +1,111 @@
+"""The aiohttp application: its routes, and the Redis, hub and reaper it runs on.
+
+`create_app(settings)` is the whole web process; `RUN_OPTIONS` is how to serve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from celery import Celery
+
+from ..allowlist import AllowList
+from ..allowlist import load as load_allowlist
+from ..config import Settings
+from ..connections import hub_client, web_client
+from ..keys import Keys
+from ..worker.celery_app import make_celery
+from ..worker.demo import DEMO_TASKS
+from ..worker.publisher import Publisher
+from . import handlers, pages, reaper
+from .context import ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS, STORE, STREAMS
+from .delivery import EventStream
+from .errors import json_errors
+from .hub import Hub
+from .store import Store
+
+# /events?task=…&fresh=… for 100 ids of the longest allowed length (keys.is_task_id)
+# is about 41 KB of request line; aiohttp's default limit is 8 KiB.
+MAX_REQUEST_LINE = 64 * 1024
+# What `web.run_app` (or an AppRunner) needs to serve these routes well; `progress-sse
+# web` passes exactly these. handler_cancellation: a handler whose client went away
+# is cancelled at once, releasing its watcher instead of waiting for a write to fail.
+# The others go to each connection's request handler (aiohttp has no `handler_args`
+# for run_app: unknown arguments are dropped there with a warning, limits and all).
+RUN_OPTIONS: dict[str, Any] = {
+    "handler_cancellation": True,
+    "max_line_size": MAX_REQUEST_LINE,
+    "keepalive_timeout": 75.0,
+}
+
+
+def create_app(
+    settings: Settings,
+    *,
+    allowlist: AllowList | None = None,
+    celery: Celery | None = None,
+) -> web.Application:
+    """The progress service. Mount it in your own aiohttp app with
+    `app.add_subapp("/progress/", create_app(settings, allowlist=...))`: your
+    middlewares (auth, ...) run in front of it and its URLs carry the prefix.
+
+    `allowlist` defaults to `settings.allowlist` (PROGRESS_SSE_ALLOWLIST), else the
+    demo tasks."""
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    if allowlist is None:
+        allowlist = load_allowlist(settings.allowlist) if settings.allowlist else DEMO_TASKS
+    app[ALLOWLIST] = allowlist
+    app[CELERY] = celery or make_celery(settings)
+    pages.setup(app)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.on_shutdown.append(_end_streams)
+    app.add_routes(
+        [
+            web.post("/tasks", handlers.start_task),
+            web.get("/tasks", handlers.recent_tasks),
+            web.get("/tasks/{task_id}", handlers.task_state, name="task"),
+            web.delete("/tasks/{task_id}", handlers.cancel_task),
+            web.get("/tasks/{task_id}/events", handlers.task_events),
+            web.get("/events", handlers.many_events),
+            web.get("/groups/{group_id}", handlers.group_state),
+            web.get("/groups/{group_id}/events", handlers.group_events),
+            web.get("/healthz", handlers.healthz),
+        ]
+    )
+    return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    keys = Keys(settings.key_prefix)
+    client = web_client(settings)
+    hub_redis = hub_client(settings)
+    hub = Hub(hub_redis, keys)
+    app[REDIS] = client
+    app[STORE] = Store(client, keys)
+    app[HUB] = hub
+    app[STREAMS] = EventStream(hub, app[STORE], heartbeat=settings.heartbeat)
+    app[PUBLISHER] = Publisher.from_settings(settings)
+    await hub.start()
+    reaper_task = asyncio.create_task(reaper.run(client, keys, app[PUBLISHER], settings.worker_ttl))
+    try:
+        yield
+    finally:
+        reaper_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper_task
+        await hub.close()
+        await hub_redis.aclose()
+        await client.aclose()
+        app[PUBLISHER].client.close()
+        await asyncio.to_thread(app[CELERY].close)
+
+
+async def _end_streams(app: web.Application) -> None:
+    if HUB in app:
+        app[HUB].close_watchers()
