@@ -18,13 +18,14 @@ Order of work, and why it is gapless and exactly-once:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequence
 
 from aiohttp import web
 
-from ..events import PING, unknown_task_frame
+from ..events import PING, Frame, unknown_task_frame
 from .errors import error
-from .hub import Hub, Signal
+from .hub import Hub, Signal, Watcher
 from .store import Store
 
 SSE_HEADERS = {
@@ -46,6 +47,47 @@ def parse_cursor(request: web.Request) -> int | None:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
         return None
     return int(raw)
+
+
+class Live:
+    """The live part of every stream, one task, many or a group: wait, ping, batch,
+    resync, close and drop what the stream already has. Each exists only here.
+
+    `batches(tasks)` yields the new frames of `tasks` (a callable: the set may
+    shrink as tasks end) in order, each batch what had arrived by then, so a
+    client that fell behind catches up in one write. Between batches it writes a
+    ping after `heartbeat` seconds without a write. It ends when the hub closes
+    the watcher (shutdown); the caller stops it when it has what it needs.
+    """
+
+    def __init__(self, response: web.StreamResponse, watcher: Watcher, store: Store, *, heartbeat: float) -> None:
+        self.response, self.watcher, self.store, self.heartbeat = response, watcher, store, heartbeat
+        self._clock = asyncio.get_running_loop().time
+        self._last_write = self._clock()
+
+    async def write(self, data: bytes) -> None:
+        await self.response.write(data)
+        self._last_write = self._clock()
+
+    async def batches(self, tasks: Callable[[], Collection[str]], position: int) -> AsyncGenerator[list[Frame], None]:
+        while not self.watcher.closed:
+            # Items the stream drops (duplicates) must not postpone the ping.
+            first = await self.watcher.next(max(0.0, self._last_write + self.heartbeat - self._clock()))
+            if first is None:
+                await self.write(PING)
+                continue
+            batch: list[Frame] = []
+            for item in [first, *self.watcher.pending()]:
+                if item is Signal.CLOSE:
+                    break
+                if item is Signal.RESYNC:
+                    frames, position = await self.store.after(tasks(), position)
+                    batch += frames
+                elif item.seq > position and item.task_id in tasks():
+                    batch.append(item)
+                    position = item.seq
+            if batch:
+                yield batch
 
 
 class EventStream:
@@ -70,41 +112,18 @@ class EventStream:
 
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
-            await response.write(PING)
-            for task in start.tasks:
-                if not task.known:
-                    await response.write(unknown_task_frame(task.task_id))
-            for frame in frames:
-                await response.write(frame.encoded)
-
-            position = start.upto
-            clock = asyncio.get_running_loop().time
-            last_write = clock()
-            while waiting and not watcher.closed:
-                # Items the stream drops (duplicates) must not postpone the ping.
-                first = await watcher.next(max(0.0, last_write + self.heartbeat - clock()))
-                if first is None:
-                    await response.write(PING)
-                    last_write = clock()
-                    continue
-                # Everything already waiting goes out in one write: a client that
-                # fell behind catches up without a send per frame.
-                out: list[bytes] = []
-                for item in [first, *watcher.pending()]:
-                    if item is Signal.CLOSE:
-                        break
-                    if item is Signal.RESYNC:
-                        frames, position = await self.store.after(waiting, position)
-                    elif item.seq <= position or item.task_id not in waiting:
-                        continue
-                    else:
-                        frames, position = [item], item.seq
-                    for frame in frames:
-                        out.append(frame.encoded)
-                        if frame.terminal:
-                            waiting.discard(frame.task_id)
-                if out:
-                    await response.write(b"".join(out))
-                    last_write = clock()
+            live = Live(response, watcher, self.store, heartbeat=self.heartbeat)
+            await live.write(
+                PING
+                + b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)
+                + b"".join(frame.encoded for frame in frames)
+            )
+            if waiting:
+                async with contextlib.aclosing(live.batches(lambda: waiting, start.upto)) as batches:
+                    async for batch in batches:
+                        await live.write(b"".join(frame.encoded for frame in batch))
+                        waiting.difference_update(frame.task_id for frame in batch if frame.terminal)
+                        if not waiting:
+                            break
             await response.write_eof()
             return response

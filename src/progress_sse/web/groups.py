@@ -10,7 +10,7 @@ so a reconnect simply starts from the current one.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -19,9 +19,9 @@ from typing import Any
 from aiohttp import web
 
 from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
-from .delivery import SSE_HEADERS, parse_cursor
+from .delivery import SSE_HEADERS, Live, parse_cursor
 from .errors import error
-from .hub import Hub, Signal
+from .hub import Hub
 from .store import Store
 
 
@@ -86,45 +86,35 @@ async def serve(request: web.Request, hub: Hub, store: Store, group_id: str, hea
         start = await store.start(ids, None)
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
         last_seq = max((f.seq for f in latest.values()), default=0)
-        finished = len(latest) == len(ids) and all(f.terminal for f in latest.values())
-        if finished and cursor is not None and cursor >= last_seq:
+
+        def ended() -> bool:
+            return len(latest) == len(ids) and all(f.terminal for f in latest.values())
+
+        if ended() and cursor is not None and cursor >= last_seq:
             return web.Response(status=204)
 
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        await response.write(PING)
+        live = Live(response, watcher, store, heartbeat=heartbeat)
 
         def frame(seq: int) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))
             return encode_sse(id=str(seq), event="group", data=dumps(body))
 
-        await response.write(frame(last_seq))
-        position = start.upto
-        clock = asyncio.get_running_loop().time
-        last_write = clock()
-        while not finished and not watcher.closed:
-            first = await watcher.next(max(0.0, last_write + heartbeat - clock()))
-            if first is None:
-                await response.write(PING)
-                last_write = clock()
-                continue
-            changed = 0
-            for item in [first, *watcher.pending()]:
-                if item is Signal.CLOSE:
-                    break
-                if item is Signal.RESYNC:
-                    frames, position = await store.after(ids, position)
-                elif item.seq <= position:
-                    continue
-                else:
-                    frames, position = [item], item.seq
-                for member in frames:
-                    if not (latest.get(member.task_id) and latest[member.task_id].terminal):
-                        latest[member.task_id] = member
-                        changed = member.seq
-            if changed:
-                await response.write(frame(changed))
-                last_write = clock()
-                finished = len(latest) == len(ids) and all(f.terminal for f in latest.values())
+        await live.write(PING + frame(last_seq))
+        if not ended():
+            async with contextlib.aclosing(live.batches(lambda: ids, start.upto)) as batches:
+                async for batch in batches:
+                    # Fold the members' frames into the aggregate; a member that has
+                    # ended stays ended (a late frame of it changes nothing).
+                    changed = 0
+                    for member in batch:
+                        if not (latest.get(member.task_id) and latest[member.task_id].terminal):
+                            latest[member.task_id] = member
+                            changed = member.seq
+                    if changed:
+                        await live.write(frame(changed))
+                        if ended():
+                            break
         await response.write_eof()
         return response
