@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 # Celery ids are UUIDs, but apps may choose their own; this admits those while
 # keeping out braces (hash tags), whitespace and anything unreasonably long.
-_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}")
+TASK_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}"
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
 def is_task_id(value: str) -> bool:
