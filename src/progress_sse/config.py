@@ -117,11 +117,23 @@ def _redis_url(raw: str) -> str:
     return raw
 
 
-def _broker_url(raw: str) -> str:
-    # The transports Celery users run; Sentinel is a Redis one.
-    if not re.match(r"^(redis|rediss|unix|sentinel|amqp|amqps|pyamqp|memory)://", raw):
-        raise ValueError("expected a Celery broker URL such as redis://localhost:6379/0 or amqp://host//")
-    return raw
+def _matching(pattern: str, expected: str) -> Callable[[str], str]:
+    """A parser that takes the whole value if it matches `pattern`."""
+    compiled = re.compile(pattern)
+
+    def parse(raw: str) -> str:
+        if not compiled.fullmatch(raw):
+            raise ValueError(f"expected {expected}")
+        return raw
+
+    return parse
+
+
+# The transports Celery users run; Sentinel is a Redis one.
+_broker_url = _matching(
+    r"(redis|rediss|unix|sentinel|amqp|amqps|pyamqp|memory)://.*",
+    "a Celery broker URL such as redis://localhost:6379/0 or amqp://host//",
+)
 
 
 def _nonempty(raw: str) -> str:
@@ -159,17 +171,9 @@ def _whole(raw: str) -> int:
         raise ValueError("expected a whole number") from None
 
 
-def _import_path(raw: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", raw):
-        raise ValueError("expected package.module:ATTRIBUTE, e.g. myapp.progress:ALLOWED")
-    return raw
-
-
-def _key_prefix(raw: str) -> str:
-    # Braces would break the {task_id} hash tags, spaces the key-name parsing of redis-cli users.
-    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", raw):
-        raise ValueError("expected 1 to 64 letters, digits or _ . : -")
-    return raw
+_import_path = _matching(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", "package.module:ATTRIBUTE, e.g. myapp.progress:ALLOWED")
+# Braces would break the {task_id} hash tags, spaces the key-name parsing of redis-cli users.
+_key_prefix = _matching(r"[A-Za-z0-9_.:-]{1,64}", "1 to 64 letters, digits or _ . : -")
 
 
 _SERVERS = frozenset({"web", "worker", "dev"})

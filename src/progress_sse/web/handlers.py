@@ -34,11 +34,12 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _task_id(request: web.Request) -> str:
-    task_id = request.match_info["task_id"]
-    if not is_task_id(task_id):
-        raise error(web.HTTPNotFound, f"{task_id!r} is not a task id.")
-    return task_id
+def _id(request: web.Request, kind: str = "task") -> str:
+    """The `{task_id}` (or `{group_id}`) of the URL; a malformed one names nothing here."""
+    value = request.match_info[f"{kind}_id"]
+    if not is_task_id(value):  # group ids are Celery ids too
+        raise error(web.HTTPNotFound, f"{value!r} is not a {kind} id.")
+    return value
 
 
 async def start_task(request: web.Request) -> web.Response:
@@ -116,7 +117,7 @@ async def task_state(request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
         known = is_task_id(task_id) and await request.app[STORE].task(task_id) is not None
         return await pages.task_page(request, task_id, known)
-    task_id = _task_id(request)
+    task_id = _id(request)
     state = await request.app[STORE].task(task_id)
     if request.query.get("format") == "celery-progress":
         # celery-progress's view shape, for polling front ends mid-migration. An id
@@ -128,7 +129,7 @@ async def task_state(request: web.Request) -> web.Response:
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
-    task_id = _task_id(request)
+    task_id = _id(request)
     return await request.app[STREAMS].serve(request, [task_id], single=True)
 
 
@@ -152,24 +153,17 @@ async def many_events(request: web.Request) -> web.StreamResponse:
     return await request.app[STREAMS].serve(request, task_ids, single=False, fresh=fresh & set(task_ids))
 
 
-def _group_id(request: web.Request) -> str:
-    group_id = request.match_info["group_id"]
-    if not is_task_id(group_id):
-        raise error(web.HTTPNotFound, f"{group_id!r} is not a group id.")
-    return group_id
-
-
 async def group_state(request: web.Request) -> web.Response:
-    return await groups.group_state(request, request.app[STORE], _group_id(request))
+    return await groups.group_state(request, request.app[STORE], _id(request, "group"))
 
 
 async def group_events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    return await groups.serve(request, app[HUB], app[STORE], _group_id(request), app[SETTINGS].heartbeat)
+    return await groups.serve(request, app[HUB], app[STORE], _id(request, "group"), app[SETTINGS].heartbeat)
 
 
 async def cancel_task(request: web.Request) -> web.Response:
-    task_id = _task_id(request)
+    task_id = _id(request)
     # Shielded: a client that hangs up must not leave the revocation half done.
     final = await asyncio.shield(control.cancel(request.app, task_id))
     return _json({"id": task_id, "state": final}, status=202)
