@@ -5,7 +5,7 @@ every asset's content: the browser may cache them for a year, and a deploy that
 changes any file changes every URL. Relative imports between ES modules stay in
 the same versioned folder, so they need no rewriting. Pages send a
 Content-Security-Policy that allows no inline script, and task text only ever
-reaches the DOM through `textContent` (static/page.js).
+reaches the DOM through `textContent` (static/card.js and the other page modules).
 """
 
 from __future__ import annotations
