@@ -1,23 +1,26 @@
-"""Read an SSE response frame by frame (never `await resp.text()` on an open stream)."""
+"""Read an SSE response event by event, with the package's own decoder
+(src/progress_sse/cli/decoder.py): the suite and `progress-sse watch` parse the
+stream one way. Never `await resp.text()` on an open stream."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from progress_sse.cli.decoder import SSEDecoder
 from progress_sse.events import TERMINAL_STATES
 
 
 @dataclass
 class SSEEvent:
-    id: str | None
+    id: str | None  # the stream's last event id when it came, as EventSource's lastEventId
     event: str | None
     data: str
-    comments: list[str] = field(default_factory=list)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -29,48 +32,53 @@ class SSEEvent:
         return self.event in TERMINAL_STATES
 
 
+@dataclass(frozen=True)
+class Comment:
+    text: str
+
+
 class SSEReader:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
-        self.comments: list[str] = []
+        self.comments: list[str] = []  # every comment so far, in order
+        # Events and comments in the order they came, not yet taken.
+        self._items: deque[SSEEvent | Comment] = deque()
+        self._decoder = SSEDecoder(on_comment=self._comment)
+        self._ended = False
 
-    async def _frame(self) -> SSEEvent | None:
-        """The next frame (events and comment-only frames alike); None at the end."""
-        fields: dict[str, list[str]] = {}
-        comments: list[str] = []
-        while True:
-            raw = await self.response.content.readline()
-            if not raw:
+    def _comment(self, text: str) -> None:
+        self.comments.append(text)
+        self._items.append(Comment(text))
+
+    async def _next(self) -> SSEEvent | Comment | None:
+        """The next event or comment; None at the end of the stream."""
+        while not self._items:
+            if self._ended:
                 return None
-            line = raw.decode().rstrip("\n").rstrip("\r")
-            if line == "":
-                if fields or comments:
-                    data = "\n".join(fields.get("data", []))
-                    last = lambda k: fields[k][-1] if k in fields else None  # noqa: E731
-                    return SSEEvent(last("id"), last("event"), data, comments)
+            chunk = await self.response.content.readany()
+            if not chunk:
+                self._ended = True
                 continue
-            if line.startswith(":"):
-                comments.append(line[1:].strip())
-                self.comments.append(line[1:].strip())
-                continue
-            key, _, value = line.partition(":")
-            fields.setdefault(key, []).append(value[1:] if value.startswith(" ") else value)
+            for frame in self._decoder.feed(chunk):
+                self._items.append(SSEEvent(frame.id, frame.event, frame.data))
+        return self._items.popleft()
 
     async def next_event(self, timeout: float = 15) -> SSEEvent | None:
-        """The next frame with data (comments skipped); None when the stream ends."""
+        """The next event (comments skipped); None when the stream ends."""
         async with asyncio.timeout(timeout):
             while True:
-                frame = await self._frame()
-                if frame is None or frame.data or frame.event:
-                    return frame
+                item = await self._next()
+                if not isinstance(item, Comment):
+                    return item
 
     async def next_comment(self, timeout: float = 15) -> str:
+        """The next comment (events skipped)."""
         async with asyncio.timeout(timeout):
             while True:
-                frame = await self._frame()
-                assert frame is not None, "stream ended before a comment"
-                if frame.comments and not frame.data:
-                    return frame.comments[0]
+                item = await self._next()
+                assert item is not None, "stream ended before a comment"
+                if isinstance(item, Comment):
+                    return item.text
 
     async def until(self, predicate: Any, timeout: float = 30) -> list[SSEEvent]:
         """Events up to and including the first that satisfies `predicate`."""

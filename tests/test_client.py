@@ -60,6 +60,14 @@ def test_comments_and_blank_lines_alone_dispatch_nothing() -> None:
     assert parse(b": ping\ndata: x\n: mid-frame comment\n\n") == [SSEFrame("message", "x", None)]
 
 
+def test_comments_are_told_to_whoever_asks_in_order_even_split_across_chunks() -> None:
+    heard: list[str] = []
+    decoder = SSEDecoder(on_comment=heard.append)
+    frames = [*decoder.feed(b": pi"), *decoder.feed(b"ng\r\ndata: x\n:second \n\n"), *decoder.feed(b":\n\n")]
+    assert heard == ["ping", "second", ""]
+    assert frames == [SSEFrame("message", "x", None)], "comments still dispatch nothing"
+
+
 def test_event_defaults_to_message_and_resets_after_each_frame() -> None:
     frames = parse(b"event: queued\ndata: 1\n\ndata: 2\n\n")
     assert [f.event for f in frames] == ["queued", "message"]

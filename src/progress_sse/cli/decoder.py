@@ -11,6 +11,7 @@ https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-inte
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # A line ends with CRLF, LF or CR (all three are allowed on the wire).
@@ -41,9 +42,13 @@ class SSEFrame:
 
 
 class SSEDecoder:
-    """Incremental parser: feed it bytes, get complete frames back."""
+    """Incremental parser: feed it bytes, get complete frames back.
 
-    def __init__(self) -> None:
+    Comments (`: ping`) dispatch nothing, as in EventSource; `on_comment`, if
+    given, is told each one's text (the test suite checks the server's pings so)."""
+
+    def __init__(self, *, on_comment: Callable[[str], None] | None = None) -> None:
+        self._on_comment = on_comment
         self._buffer = b""
         self._skip_lf = False  # the previous chunk ended in CR: a leading LF belongs to it
         self._first_line = True
@@ -84,8 +89,10 @@ class SSEDecoder:
             line = line.removeprefix("\ufeff")  # one optional BOM opens the stream
         if line == "":
             return self._dispatch()
-        if line.startswith(":"):
-            return None  # a comment (": ping"): keeps proxies and idle timers happy
+        if line.startswith(":"):  # a comment (": ping"): keeps proxies and idle timers happy
+            if self._on_comment is not None:
+                self._on_comment(line[1:].strip())
+            return None
         name, colon, value = line.partition(":")
         if colon and value.startswith(" "):
             value = value[1:]  # exactly one space after the colon is syntax, not data
