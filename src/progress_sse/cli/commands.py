@@ -46,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except ConfigError as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return 2
+        return _failed(exc, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "web":
@@ -56,11 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker(settings, args.concurrency, rest)
         return _dev(settings, args)
     except ConfigError as exc:  # found while starting (an allow-list that does not import)
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return 2
+        return _failed(exc, 2)
     except EmbeddedRedisError as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return 1
+        return _failed(exc, 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -253,8 +250,7 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # Only a watch reconnects: `cancel` reads no PROGRESS_SSE_RETRY_FOR that could stop it.
         retry_for = _retry_for(args.retry_for) if args.command != "cancel" else DEFAULT_RETRY_FOR
     except ConfigError as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return 2
+        return _failed(exc, 2)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A message with characters the pipe's encoding lacks must not crash the watch.
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -264,6 +260,12 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _reader_went_away()
+
+
+def _failed(exc: Exception, status: int) -> int:
+    """Say why on stderr, as every command does; the exit status to end with."""
+    print(f"progress-sse: {exc}", file=sys.stderr)
+    return status
 
 
 def _reader_went_away() -> int:
@@ -354,8 +356,7 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
             print(f"progress-sse: the server refused the task (HTTP {exc.status}): {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
         except ClientError as exc:
-            print(f"progress-sse: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
+            return _failed(exc, EXIT_UNREACHABLE)
         if not args.watch:
             print(task_id, flush=True)
             return EXIT_SUCCESS
@@ -393,8 +394,7 @@ async def watch(
                 if item.terminal:
                     return EXIT_STATUS.get(item.state, EXIT_FAILURE)
     except ClientError as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _failed(exc, EXIT_UNREACHABLE)
     except asyncio.CancelledError:
         # The with block has taken the live row down, so the note goes below its last state.
         view = renderer.view
@@ -428,11 +428,9 @@ async def _cancel(session: aiohttp.ClientSession, base_url: str, task_id: str) -
     try:
         state = await cancel_task(session, base_url, task_id)
     except AlreadyEnded as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return EXIT_NOT_CANCELLED
+        return _failed(exc, EXIT_NOT_CANCELLED)
     except ClientError as exc:
-        print(f"progress-sse: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _failed(exc, EXIT_UNREACHABLE)
     if state != "revoked":
         # It ended on its own while the server was revoking it (the worker's word came first).
         print(f"progress-sse: Task {task_id} ended ({state}) before it could be cancelled.", file=sys.stderr)
