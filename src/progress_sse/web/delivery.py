@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Sequence
 
 from aiohttp import web
 
@@ -96,11 +96,22 @@ class EventStream:
         self.store = store
         self.heartbeat = heartbeat
 
+    @contextlib.asynccontextmanager
+    async def opened(self, request: web.Request, task_ids: Sequence[str]) -> AsyncIterator[tuple[Watcher, int | None]]:
+        """Where every stream starts, one task's, many tasks' or a group's (and every
+        reconnect): the watcher, subscribed, and the client's cursor. What each
+        stream must check before it watches anything belongs here, once."""
+        cursor = parse_cursor(request)
+        async with self.hub.watch(task_ids) as watcher:
+            yield watcher, cursor
+
+    def live(self, response: web.StreamResponse, watcher: Watcher) -> Live:
+        return Live(response, watcher, self.store, heartbeat=self.heartbeat)
+
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
     ) -> web.StreamResponse:
-        cursor = parse_cursor(request)
-        async with self.hub.watch(task_ids) as watcher:
+        async with self.opened(request, task_ids) as (watcher, cursor):
             start = await self.store.start(task_ids, cursor, fresh)
             known = [t for t in start.tasks if t.known]
             if single and not known:
@@ -112,7 +123,7 @@ class EventStream:
 
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
-            live = Live(response, watcher, self.store, heartbeat=self.heartbeat)
+            live = self.live(response, watcher)
             await live.write(
                 PING
                 + b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)

@@ -19,9 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
-from .delivery import SSE_HEADERS, Live, parse_cursor
+from .delivery import SSE_HEADERS, EventStream
 from .errors import error
-from .hub import Hub
 from .store import Store
 
 
@@ -77,12 +76,12 @@ async def group_state(request: web.Request, store: Store, group_id: str) -> web.
     return web.json_response(body, dumps=dumps)
 
 
-async def serve(request: web.Request, hub: Hub, store: Store, group_id: str, heartbeat: float) -> web.StreamResponse:
+async def serve(request: web.Request, streams: EventStream, group_id: str) -> web.StreamResponse:
+    store = streams.store
     ids = await members(store, group_id)
     if not ids:
         raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
-    cursor = parse_cursor(request)
-    async with hub.watch(ids) as watcher:
+    async with streams.opened(request, ids) as (watcher, cursor):
         start = await store.start(ids, None)
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
         last_seq = max((f.seq for f in latest.values()), default=0)
@@ -95,7 +94,7 @@ async def serve(request: web.Request, hub: Hub, store: Store, group_id: str, hea
 
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        live = Live(response, watcher, store, heartbeat=heartbeat)
+        live = streams.live(response, watcher)
 
         def frame(seq: int) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))

@@ -18,7 +18,7 @@ from ..celery_progress import celery_progress_json
 from ..events import State
 from ..keys import is_task_id
 from . import control, groups, pages, reaper
-from .context import ALLOWLIST, HUB, REDIS, SETTINGS, STORE, STREAMS
+from .context import ALLOWLIST, HUB, REDIS, STORE, STREAMS
 from .errors import error
 from .store import describe
 
@@ -158,8 +158,7 @@ async def group_state(request: web.Request) -> web.Response:
 
 
 async def group_events(request: web.Request) -> web.StreamResponse:
-    app = request.app
-    return await groups.serve(request, app[HUB], app[STORE], _id(request, "group"), app[SETTINGS].heartbeat)
+    return await groups.serve(request, request.app[STREAMS], _id(request, "group"))
 
 
 async def cancel_task(request: web.Request) -> web.Response:

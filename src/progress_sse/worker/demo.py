@@ -21,33 +21,33 @@ def _min_not_above_max(params: dict[str, Any]) -> None:
         raise ParamError(f"min_s ({params['min_s']}) must not be greater than max_s ({params['max_s']})")
 
 
+def _demo(name: str, description: str, *, check_all: Any = None, **params: tuple[Any, Any]) -> AllowedTask:
+    """An allow-list entry for `demo.<name>`: its parameters, in order, as
+    name=(check, default); the description is the page's hint."""
+    return AllowedTask(f"demo.{name}", params, check_all=check_all, description=description)
+
+
 DEMO_TASKS = AllowList(
     [
-        AllowedTask(
-            "demo.count",
-            {"n": (integer(1, 100_000), 50), "delay": (number(0, 60), 0.1)},
-            description="determinate: n steps, 'Processed i of n'",
+        _demo(
+            "count", "determinate: n steps, 'Processed i of n'", n=(integer(1, 100_000), 50), delay=(number(0, 60), 0.1)
         ),
-        AllowedTask(
-            "demo.mystery",
-            {"min_s": (number(0, 3600), 10), "max_s": (number(0, 3600), 20)},
+        _demo(
+            "mystery",
+            "indeterminate: runs a random time, reports no total",
             check_all=_min_not_above_max,
-            description="indeterminate: runs a random time, reports no total",
+            min_s=(number(0, 3600), 10),
+            max_s=(number(0, 3600), 20),
         ),
-        AllowedTask(
-            "demo.stages",
-            {"delay": (number(0, 600), 2.0)},
-            description="named stages at 25/50/75/100 %",
+        _demo("stages", "named stages at 25/50/75/100 %", delay=(number(0, 600), 2.0)),
+        _demo(
+            "fail", "progresses, then raises RuntimeError", after=(integer(0, 100_000), 5), delay=(number(0, 60), 0.1)
         ),
-        AllowedTask(
-            "demo.fail",
-            {"after": (integer(0, 100_000), 5), "delay": (number(0, 60), 0.1)},
-            description="progresses, then raises RuntimeError",
-        ),
-        AllowedTask(
-            "demo.flaky",
-            {"failures": (integer(0, 10), 2), "delay": (number(0, 600), 0.5)},
-            description="retries `failures` times, then succeeds",
+        _demo(
+            "flaky",
+            "retries `failures` times, then succeeds",
+            failures=(integer(0, 10), 2),
+            delay=(number(0, 600), 0.5),
         ),
     ],
     title="Start a demo task",

@@ -13,6 +13,7 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -58,20 +59,18 @@ return seq
 """
 
 
+@dataclass(eq=False)
 class Publisher:
-    def __init__(
-        self,
-        client: redis.Redis,
-        keys: Keys,
-        *,
-        history_ttl: int = 86_400,
-        history_max: int = 10_000,
-    ) -> None:
-        self.client = client
-        self.keys = keys
-        self.history_ttl = history_ttl
-        self.history_max = history_max
-        self._append = client.register_script(_APPEND)
+    """Writes a task's events to Redis: one script call (one round trip) each."""
+
+    client: redis.Redis
+    keys: Keys
+    # Seconds a task's keys live after its last event, and events kept per task.
+    history_ttl: int = field(default=86_400, kw_only=True)
+    history_max: int = field(default=10_000, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self._append = self.client.register_script(_APPEND)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
