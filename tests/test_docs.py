@@ -6,8 +6,10 @@ with what a real server (real Redis, real worker) answers.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,27 @@ async def test_the_healthz_body_is_the_documented_one(server: Server) -> None:
         body = await resp.json()
     documented = protocol_fields("### `GET /healthz`", r"`200` `(\{[^`]*\})`")
     assert documented == set(body)
+
+
+def test_every_import_the_docs_show_works() -> None:
+    """The public import paths users copy from the README and docs/integration.md
+    (progress_sse.install, progress_sse.web.create_app, progress_sse.allowlist, …)
+    keep working."""
+    integration = (ROOT / "docs" / "integration.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", README + integration, re.S)
+    imports = [
+        ast.unparse(node)
+        for block in blocks
+        for node in ast.walk(ast.parse(textwrap.dedent(block)))
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        and any(name.startswith("progress_sse") for name in _modules(node))
+    ]
+    assert len(imports) >= 8, imports
+    for line in imports:
+        exec(line, {})  # the docs' own import lines, nothing else
+
+
+def _modules(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.ImportFrom):
+        return [node.module or ""]
+    return [alias.name for alias in node.names]
