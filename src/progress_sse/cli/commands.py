@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker",
         help="run a Celery worker with the bridge and the demo tasks (Procfile: worker)",
-        description="Runs `celery worker` for progress_sse.tasks; arguments it does not know are passed to Celery.",
+        description="Runs `celery worker` for progress_sse.worker.app; options it does not know go to Celery.",
     )
     _setting_flags(worker, "worker")
     worker.add_argument("--concurrency", type=int, help="pool processes [Celery's default: one per CPU]")

@@ -1,4 +1,4 @@
-"""The worker's Celery app: `celery -A progress_sse.tasks worker` (or `progress-sse worker`).
+"""The worker's Celery app: `celery -A progress_sse.worker.app worker` (or `progress-sse worker`).
 
 Configured from the environment, with the bridge installed and the demo tasks registered.
 """
