@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 import redis
+from aiohttp import web
 
 from progress_sse.config import Settings
 from progress_sse.connections import hub_client_name, sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
-from progress_sse.web import HUB
+from progress_sse.web import HUB, delivery
 from progress_sse.worker.publisher import Publisher
 
 from .conftest import Server, wait_until
@@ -270,3 +271,27 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
     assert ids == [s for s in stored if s >= ids[0]], "every stored event after the first, once, in order"
     for key in redis_client.scan_iter(match=f"{prefix}:*"):
         redis_client.delete(key)
+
+
+UNKNOWN_ID = "00000000-0000-4000-8000-00000000dead"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/tasks/{UNKNOWN_ID}/events", f"/events?task={UNKNOWN_ID}", f"/groups/{UNKNOWN_ID}/events"],
+)
+async def test_every_stream_opens_through_one_place_before_any_answer(
+    server: Server, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A check put in EventStream.opened (the next issue's access tokens) runs for a
+    task's, many tasks' and a group's stream, and before any of them can say 404."""
+    seen: list[str] = []
+
+    def refuse(request: Any) -> int | None:
+        seen.append(request.path)
+        raise web.HTTPForbidden(text='{"error": "no"}', content_type="application/json")
+
+    monkeypatch.setattr(delivery, "parse_cursor", refuse)  # the first thing opened() does
+    async with server.session.get(server.url(path)) as resp:
+        assert resp.status == 403, await resp.text()
+    assert seen == [path.split("?")[0]]

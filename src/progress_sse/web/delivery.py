@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 
 from aiohttp import web
 
@@ -97,13 +97,18 @@ class EventStream:
         self.heartbeat = heartbeat
 
     @contextlib.asynccontextmanager
-    async def opened(self, request: web.Request, task_ids: Sequence[str]) -> AsyncIterator[tuple[Watcher, int | None]]:
+    async def opened(
+        self, request: web.Request, task_ids: Sequence[str] | Callable[[], Awaitable[Sequence[str]]]
+    ) -> AsyncIterator[tuple[Watcher, list[str], int | None]]:
         """Where every stream starts, one task's, many tasks' or a group's (and every
-        reconnect): the watcher, subscribed, and the client's cursor. What each
-        stream must check before it watches anything belongs here, once."""
+        reconnect): its task ids, its watcher, subscribed, and the client's cursor.
+        What each stream must check before it reads or watches anything belongs
+        here, once, at the top: before even a group's members are looked up (a
+        callable `task_ids`), so no answer, not even a 404, comes before it."""
         cursor = parse_cursor(request)
-        async with self.hub.watch(task_ids) as watcher:
-            yield watcher, cursor
+        ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
+        async with self.hub.watch(ids) as watcher:
+            yield watcher, ids, cursor
 
     def live(self, response: web.StreamResponse, watcher: Watcher) -> Live:
         return Live(response, watcher, self.store, heartbeat=self.heartbeat)
@@ -111,7 +116,7 @@ class EventStream:
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
     ) -> web.StreamResponse:
-        async with self.opened(request, task_ids) as (watcher, cursor):
+        async with self.opened(request, task_ids) as (watcher, _, cursor):
             start = await self.store.start(task_ids, cursor, fresh)
             known = [t for t in start.tasks if t.known]
             if single and not known:

@@ -78,10 +78,14 @@ async def group_state(request: web.Request, store: Store, group_id: str) -> web.
 
 async def serve(request: web.Request, streams: EventStream, group_id: str) -> web.StreamResponse:
     store = streams.store
-    ids = await members(store, group_id)
-    if not ids:
-        raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
-    async with streams.opened(request, ids) as (watcher, cursor):
+
+    async def known_members() -> list[str]:
+        ids = await members(store, group_id)
+        if not ids:
+            raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
+        return ids
+
+    async with streams.opened(request, known_members) as (watcher, ids, cursor):
         start = await store.start(ids, None)
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
         last_seq = max((f.seq for f in latest.values()), default=0)
@@ -101,8 +105,9 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
             return encode_sse(id=str(seq), event="group", data=dumps(body))
 
         await live.write(PING + frame(last_seq))
+        every = frozenset(ids)  # looked up for every frame: a set, not a list
         if not ended():
-            async with contextlib.aclosing(live.batches(lambda: ids, start.upto)) as batches:
+            async with contextlib.aclosing(live.batches(lambda: every, start.upto)) as batches:
                 async for batch in batches:
                     # Fold the members' frames into the aggregate; a member that has
                     # ended stays ended (a late frame of it changes nothing).
