@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,8 @@ def test_the_readme_configuration_table_is_the_settings_table() -> None:
     defaults = Settings()
     for (_, cell), setting in zip(rows, TABLE, strict=True):
         assert setting.default_help(defaults) in cell, (setting.env, cell)
+
+
+def test_the_settings_table_declares_every_field_once() -> None:
+    assert sorted(s.attr for s in TABLE) == sorted(f.name for f in dataclasses.fields(Settings))
+    assert len({s.env for s in TABLE}) == len(TABLE)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from progress_sse.cli import supervisor
-from progress_sse.cli.embedded import EmbeddedRedis, answers, free_port
+from progress_sse.cli.embedded import EmbeddedRedis, answers, free_port, listening
 from progress_sse.config import Settings
 
 from .conftest import worker_env
@@ -31,11 +31,6 @@ from .conftest import worker_env
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("redis_client")]  # its clean-up at the end
 
 PYTHON = [sys.executable, "-c"]
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def descendants(pid: int) -> set[int]:
@@ -114,7 +109,7 @@ def test_dev_names_a_worker_that_cannot_start_and_stops_the_web(settings: Settin
     assert "progress-sse dev: the worker exited with status 1. Its last lines:" in err
     assert "ImportError: No module named packaging (shadowed)" in err, err
     assert "Stopped the others." in err
-    assert not listening(port), "the web process must not be left serving"
+    assert not listening("127.0.0.1", port), "the web process must not be left serving"
 
 
 @pytest.fixture
@@ -160,7 +155,7 @@ def test_dev_stops_everything_on_ctrl_c_or_a_closed_terminal(
     )
     assert "worker | " in out and " ready." in out
     assert [pid for pid in tree if alive(pid)] == []
-    assert not listening(port)
+    assert not listening("127.0.0.1", port)
 
 
 def test_dev_killed_outright_takes_its_processes_with_it(
@@ -171,7 +166,7 @@ def test_dev_killed_outright_takes_its_processes_with_it(
     run.kill()  # no chance to stop anything: the kernel tells each child (PR_SET_PDEATHSIG)
     run.communicate(timeout=30)
     wait_for(lambda: not any(alive(pid) for pid in children), 30, "web and worker to exit")
-    wait_for(lambda: not listening(port), 30, "the port to close")
+    wait_for(lambda: not listening("127.0.0.1", port), 30, "the port to close")
 
 
 def test_a_redis_that_cannot_start_is_named_with_its_own_words(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from progress_sse.events import TERMINAL_STATES
+from progress_sse.events import TERMINAL_STATES, State
 from progress_sse.keys import TASK_ID_PATTERN
 from progress_sse.web.handlers import MAX_STREAM_TASKS
 
@@ -34,3 +34,9 @@ def test_the_task_id_pattern_is_the_servers() -> None:
 
 def test_the_tasks_per_stream_limit_is_the_servers() -> None:
     assert int(js_constant("MAX_TASKS_PER_STREAM")) == MAX_STREAM_TASKS
+
+
+def test_every_state_is_the_servers_in_order() -> None:
+    head = json.loads(js_constant("STATES").replace(", ...TERMINAL_STATES", ""))  # [queued, …] + the terminal ones
+    terminal = json.loads(js_constant("TERMINAL_STATES").removeprefix("Object.freeze(").removesuffix(")"))
+    assert [*head, *terminal] == [state.value for state in State]

@@ -104,7 +104,7 @@ def _revoke(app: web.Application, task_id: str) -> None:
     Like publishing a task, it gives a broker that does not answer two quick
     retries, then fails: left to Celery's defaults it kept DELETE waiting ~12 s."""
     celery = app[CELERY]
-    with celery.connection_for_write() as connection:
+    with celery.connection_or_acquire() as connection:  # from the broker pool, as send_task's is
         connection.ensure_connection(**BROKER_RETRY)
         celery.control.revoke(task_id, connection=connection, terminate=True, signal="SIGTERM")
 

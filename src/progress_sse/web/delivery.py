@@ -1,4 +1,5 @@
-"""One `text/event-stream` response for one or many tasks.
+"""`text/event-stream` responses: one task's, many tasks' and (with groups.py) a
+group's all open in `EventStream.opened` and run on one live loop, `Live`.
 
 Order of work, and why it is gapless and exactly-once:
 

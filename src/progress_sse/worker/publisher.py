@@ -159,9 +159,12 @@ class Publisher:
         current, total = counts
         if state is State.SUCCESS and total is not None:
             current = total
-        cursor = self.publish(make_event(task_id, name, state, current=current, total=total, message=message, **extra))
-        self.task_ended(task_id)
-        return cursor
+        try:
+            return self.publish(
+                make_event(task_id, name, state, current=current, total=total, message=message, **extra)
+            )
+        finally:  # even when the write failed: the task is no longer running here
+            self.task_ended(task_id)
 
     def latest(self, task_id: str) -> dict[str, Any] | None:
         """The task's latest stored event, or None (unknown task, or Redis unreachable)."""
