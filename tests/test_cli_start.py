@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from progress_sse.cli.commands import _json_or_string, _keyword
+from progress_sse.cli.watch import _json_or_string, _keyword
 
 from .conftest import Server, wait_until
 from .test_cli_watch import UUID, base, cancel_quietly, cli_env, finish, free_port, pipe_to_head, run_cli, task_of

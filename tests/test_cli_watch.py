@@ -29,9 +29,9 @@ from aiohttp import web
 from rich.console import Console
 
 from progress_sse.cli.client import Reconnecting, TaskEvent
-from progress_sse.cli.commands import _stopped_watching
 from progress_sse.cli.embedded import free_port
 from progress_sse.cli.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
+from progress_sse.cli.watch import _stopped_watching
 
 from .conftest import Server
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from progress_sse.cli import commands as cli
+from progress_sse.cli import serve
 from progress_sse.config import DEFAULT_REDIS_URL, TABLE, ConfigError, Settings
 
 ALL_VARIABLES = (
@@ -198,7 +199,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         raise AssertionError("the command must stop at its configuration check, not start anything")
 
     for runner in ("_web", "_worker", "_dev"):
-        monkeypatch.setattr(cli, runner, refuse)
+        monkeypatch.setattr(serve, runner, refuse)
     return monkeypatch
 
 
@@ -247,8 +248,8 @@ def test_cli_flag_overrides_a_bad_environment_value(
     goes on to start (here, into the stub that proves it got past the check)."""
     clean_env.setenv("PORT", "nope")
     started: list[Any] = []
-    clean_env.setattr(cli, "_web", lambda settings: started.append(settings) or 0)
-    clean_env.setattr(cli.logging, "basicConfig", lambda **kwargs: None)  # keep the test process's logging
+    clean_env.setattr(serve, "_web", lambda settings: started.append(settings) or 0)
+    clean_env.setattr(serve.logging, "basicConfig", lambda **kwargs: None)  # keep the test process's logging
     assert cli.main(["web", "--port", "8123"]) == 0
     assert [s.port for s in started] == [8123]
     assert "nope" not in capsys.readouterr().err
