@@ -47,11 +47,11 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def web(settings: Settings, cwd: Path, port: int, allowlist: str) -> subprocess.Popen[str]:
+def web(settings: Settings, cwd: Path, port: int, allowlist: str, host: str = "127.0.0.1") -> subprocess.Popen[str]:
     env = {
         **worker_env(settings.with_(queue=f"{settings.queue}-web")),
         "PORT": str(port),
-        "HOST": "127.0.0.1",
+        "HOST": host,
         "PROGRESS_SSE_ALLOWLIST": allowlist,
     }
     env.pop("PYTHONPATH", None)  # only the current directory may make myapp importable
@@ -102,6 +102,7 @@ def test_a_stream_of_100_tasks_with_the_longest_ids_is_served(serving: tuple[str
     process.terminate()
     output = process.communicate(timeout=15)[0]
     assert process.returncode == 0, output
+    assert "no access control" not in output, "loopback needs no warning"
     # aiohttp drops handler arguments it does not know with this warning, and the limits with them.
     assert "Failed to create request handler" not in output
 
@@ -112,3 +113,16 @@ def test_a_bad_allowlist_stops_web_before_it_says_it_serves(settings: Settings, 
     assert process.returncode == 2, output
     assert "PROGRESS_SSE_ALLOWLIST='myapp.progress:NOPE' cannot be loaded" in output
     assert "progress-sse web on" not in output
+
+
+def test_listening_beyond_loopback_with_no_access_control_says_so_loudly(settings: Settings, app_dir: Path) -> None:
+    port = free_port()
+    process = web(settings, app_dir, port, "myapp.progress:TASKS", host="0.0.0.0")
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(2)]  # the serving line, then the warning
+    finally:
+        process.terminate()
+        output = "".join(lines) + process.communicate(timeout=15)[0]
+    assert lines[0].startswith(f"progress-sse web on http://0.0.0.0:{port}"), output
+    assert "WARNING" in lines[1] and "listens on http://0.0.0.0:" in lines[1] and "no access control" in lines[1]

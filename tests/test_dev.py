@@ -72,7 +72,8 @@ def own(settings: Settings) -> Settings:
 
 
 def dev(settings: Settings, port: int, env_extra: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
-    env = {**worker_env(settings), **env_extra, "PORT": str(port), "HOST": "127.0.0.1"}
+    env = {**worker_env(settings), **env_extra, "PORT": str(port)}
+    env.pop("HOST")  # dev's own default: loopback
     return subprocess.Popen(
         [sys.executable, "-m", "progress_sse", "dev", "--concurrency=1"],
         env=env,
@@ -150,7 +151,8 @@ def test_dev_stops_everything_on_ctrl_c_or_a_closed_terminal(
     out, err = run.communicate(timeout=60)
     assert run.returncode == 0, (out, err)
     assert f"the page is at http://localhost:{port}/" in out
-    assert out.index("web    | progress-sse web on http://127.0.0.1") < out.index("the page is at"), (
+    # No HOST given: dev listens on loopback only, not on every interface as `web` does.
+    assert out.index(f"web    | progress-sse web on http://127.0.0.1:{port} ") < out.index("the page is at"), (
         "the URL is printed once the web listens"
     )
     assert "worker | " in out and " ready." in out

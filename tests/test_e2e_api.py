@@ -300,3 +300,10 @@ async def test_celery_progress_format_keeps_a_polling_front_end_working(server: 
     async with server.session.get(server.url(f"/tasks/{UNKNOWN}?format=celery-progress")) as resp:
         assert resp.status == 200  # celery-progress's JS would stop polling on a 404
         assert (await resp.json())["state"] == "PENDING"
+
+
+@pytest.mark.parametrize("path", ["/healthz", f"/tasks/{UNKNOWN}", f"/events?task={UNKNOWN}", "/nowhere"])
+async def test_every_response_says_nosniff(server: Server, path: str) -> None:
+    """JSON, errors and streams alike: a browser must never guess a body is HTML."""
+    async with server.session.get(server.url(path)) as resp:
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", (path, resp.status)

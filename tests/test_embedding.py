@@ -100,6 +100,8 @@ async def test_mounted_page_links_its_assets_under_the_prefix(host: tuple[Any, a
     assert 'data-task-name="demo.count"' in html and 'data-task-name="demo.fail"' not in html
     async with session.get(server.make_url(f"/progress/static/{version}/progress.js")) as resp:
         assert resp.status == 200
+    async with session.get(server.make_url("/progress/healthz")) as resp:
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", "the sub-app's own responses too"
     async with session.get(server.make_url("/progress/static/progress.js"), allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == f"/progress/static/{version}/progress.js"

@@ -10,6 +10,7 @@ setting and the bad value.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -21,7 +22,12 @@ from ..config import ConfigError, Settings, redacted
 from .embedded import EmbeddedRedisError
 from .errors import failed
 
+log = logging.getLogger(__name__)
+
 COMMANDS = ("web", "worker", "dev")
+# Where `dev` differs from the Procfile's defaults: a laptop's dev server is for its
+# own user, so it listens on loopback unless told otherwise (HOST, --host).
+DEV_DEFAULTS = {"HOST": "127.0.0.1"}
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,10 +72,11 @@ def _setting_flags(command: argparse.ArgumentParser, name: str) -> None:
     defaults = Settings()
     for setting in config.TABLE:
         if setting.flag and name in setting.commands:
+            default = DEV_DEFAULTS.get(setting.env) if name == "dev" else None
             command.add_argument(
                 setting.flag,
                 dest=setting.attr,
-                help=f"{setting.help} [env {setting.env}; default {setting.default_help(defaults)}]",
+                help=f"{setting.help} [env {setting.env}; default {default or setting.default_help(defaults)}]",
             )
 
 
@@ -92,6 +99,13 @@ def _web(settings: Settings) -> int:
         # Called once the socket listens: the line means a client can connect now.
         where = f"http://{settings.host}:{settings.port}"
         print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)})", flush=True)
+        if not _loopback(settings.host):
+            log.warning(
+                "progress-sse web listens on %s with no access control: anyone who can reach it can start and "
+                "cancel allow-listed tasks and read recent tasks and their results. Put it behind your own auth "
+                "(README: Deploy), or set HOST=127.0.0.1 to keep it to this machine.",
+                where,
+            )
 
     web.run_app(
         create_app(settings),  # loads the allow-list: a bad one stops the process before `serving`
@@ -102,6 +116,15 @@ def _web(settings: Settings) -> int:
         print=serving,
     )
     return 0
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
 
 
 def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) -> int:
@@ -123,6 +146,9 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis, answers, listening
 
     env = {**os.environ, **_flag_env(args), "PYTHONUNBUFFERED": "1"}  # so their lines show as written
+    for variable, value in DEV_DEFAULTS.items():
+        if not env.get(variable, "").strip():
+            env[variable] = value
     children: list[supervisor.Child] = []
     embedded: EmbeddedRedis | None = None
     host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host

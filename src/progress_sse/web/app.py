@@ -64,6 +64,7 @@ def create_app(
     pages.setup(app)
     app.cleanup_ctx.append(_redis_ctx)
     app.on_shutdown.append(_end_streams)
+    app.on_response_prepare.append(_nosniff)
     app.add_routes(
         [
             web.post("/tasks", handlers.start_task),
@@ -104,6 +105,12 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         app[PUBLISHER].client.close()
         await asyncio.to_thread(app[CELERY].close)
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # Every response, JSON and streams included: a browser must never guess that a
+    # body holding task text is HTML or script.
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 async def _end_streams(app: web.Application) -> None:
