@@ -1,0 +1,159 @@
+"""Scoped access tokens: standard JWTs (PyJWT), so any language can mint them.
+
+A token says what its bearer may do, and until when (`exp`, required):
+
+- `tasks`: the task ids it may watch and read;
+- `groups`: the same for Celery groups;
+- `start`: the task names it may start;
+- `cancel`: it may also cancel the tasks it may watch;
+- `operator`: everything, including the list of recent tasks and tracebacks;
+- `sub`: optional, who it was minted for (for logs).
+
+Tokens are signed with HS256 and a shared secret (`PROGRESS_SSE_SECRET`), or with
+RS256/ES256 and a private key the host app keeps, the service holding only the
+public key. A Django or Flask view mints one with `watch_token(...)`: this module
+imports no aiohttp, so a process that only publishes tasks can use it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+SECRET_ENV = "PROGRESS_SSE_SECRET"
+DEFAULT_TTL = 3600  # seconds: a long job's page stays open that long without renewing
+ASYMMETRIC = ("RS256", "ES256")
+
+
+class TokenError(ValueError):
+    """The token cannot be used: its reason is safe to show the client (it never
+    repeats the token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows."""
+
+    expires: float
+    tasks: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    start: frozenset[str] = frozenset()
+    cancel: bool = False
+    operator: bool = False
+    subject: str | None = None
+
+    def may_watch(self, task_id: str) -> bool:
+        return self.operator or task_id in self.tasks
+
+    def may_watch_group(self, group_id: str) -> bool:
+        return self.operator or group_id in self.groups
+
+    def may_start(self, name: str) -> bool:
+        return self.operator or name in self.start
+
+    def may_cancel(self, task_id: str) -> bool:
+        return self.operator or (self.cancel and task_id in self.tasks)
+
+
+def watch_token(
+    task_ids: Iterable[str],
+    *,
+    ttl: float = DEFAULT_TTL,
+    cancel: bool = False,
+    groups: Iterable[str] = (),
+    subject: str | None = None,
+    key: Any = None,
+    algorithm: str = "HS256",
+) -> str:
+    """A token to watch (and, with `cancel`, cancel) these tasks and groups."""
+    claims = {"tasks": sorted(set(task_ids)), "groups": sorted(set(groups)), "cancel": cancel}
+    return _mint(claims, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
+
+
+def start_token(
+    names: Iterable[str],
+    *,
+    ttl: float = DEFAULT_TTL,
+    subject: str | None = None,
+    key: Any = None,
+    algorithm: str = "HS256",
+) -> str:
+    """A token to start these allow-listed tasks (the service answers with a watch
+    token for each task it starts)."""
+    return _mint({"start": sorted(set(names))}, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
+
+
+def operator_token(
+    *, ttl: float = DEFAULT_TTL, subject: str | None = None, key: Any = None, algorithm: str = "HS256"
+) -> str:
+    """A token for everything: every task, the recent list, tracebacks."""
+    return _mint({"operator": True}, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
+
+
+def verify(token: str, *, secret: str | None = None, public_key: Any = None) -> Grant:
+    """The grant of a token signed with `secret` (HS256) or the private half of
+    `public_key` (RS256/ES256); raises TokenError saying why not.
+
+    The accepted algorithms follow from the key that is configured, never from
+    the token's own header: a token cannot choose `none`, nor HS256 signed with
+    the public key."""
+    if secret:
+        key, algorithms = secret, ["HS256"]
+    elif public_key is not None:
+        key, algorithms = public_key, list(ASYMMETRIC)
+    else:
+        raise TokenError("This server has no key to check tokens with.")
+    try:
+        claims = jwt.decode(token, key, algorithms=algorithms, options={"require": ["exp"]})
+    except jwt.ExpiredSignatureError:
+        raise TokenError("The token has expired; get a new one.") from None
+    except jwt.MissingRequiredClaimError:
+        raise TokenError("The token has no expiry (exp); tokens must expire.") from None
+    except jwt.InvalidTokenError:
+        raise TokenError("The token is not valid here (malformed, or not signed with this server's key).") from None
+    return _grant(claims)
+
+
+def _mint(claims: dict[str, Any], *, ttl: float, subject: str | None, key: Any, algorithm: str) -> str:
+    if key is None:
+        key = os.environ.get(SECRET_ENV, "").strip() or None
+    if key is None:
+        raise TokenError(f"Set {SECRET_ENV}, or pass key= (a secret for HS256, a private key for RS256/ES256).")
+    if algorithm != "HS256" and algorithm not in ASYMMETRIC:
+        raise TokenError(f"Tokens are signed with HS256, RS256 or ES256, not {algorithm}.")
+    if not ttl > 0:
+        raise TokenError(f"ttl must be a positive number of seconds, not {ttl!r}.")
+    payload = {"exp": int(time.time() + ttl), **claims}
+    if subject is not None:
+        payload["sub"] = subject
+    return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def _grant(claims: dict[str, Any]) -> Grant:
+    def names(claim: str) -> frozenset[str]:
+        value = claims.get(claim, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise TokenError(f"The token's {claim!r} claim must be a list of strings.")
+        return frozenset(value)
+
+    def flag(claim: str) -> bool:
+        value = claims.get(claim, False)
+        if not isinstance(value, bool):
+            raise TokenError(f"The token's {claim!r} claim must be true or false.")
+        return value
+
+    subject = claims.get("sub")
+    return Grant(
+        expires=float(claims["exp"]),
+        tasks=names("tasks"),
+        groups=names("groups"),
+        start=names("start"),
+        cancel=flag("cancel"),
+        operator=flag("operator"),
+        subject=subject if isinstance(subject, str) else None,
+    )
