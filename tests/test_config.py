@@ -116,6 +116,21 @@ def test_surrounding_whitespace_is_stripped() -> None:
         ("PROGRESS_SSE_KEY_PREFIX", "x" * 64, "key_prefix", "x" * 64),
         ("REDIS_URL", "unix:///run/redis.sock", "redis_url", "unix:///run/redis.sock"),
         ("CELERY_BROKER_URL", "sentinel://s1:26379", "broker_url", "sentinel://s1:26379"),
+        ("PROGRESS_SSE_SECRET", "s" * 32, "secret", "s" * 32),
+        (
+            "PROGRESS_SSE_ALLOWED_HOSTS",
+            "Example.com, .example.org,[::1],127.0.0.1",
+            "allowed_hosts",
+            ("example.com", ".example.org", "[::1]", "127.0.0.1"),
+        ),
+        ("PROGRESS_SSE_ALLOWED_HOSTS", "*", "allowed_hosts", ("*",)),
+        (
+            "PROGRESS_SSE_CORS_ORIGINS",
+            "https://app.example.com, http://localhost:3000",
+            "cors_origins",
+            ("https://app.example.com", "http://localhost:3000"),
+        ),
+        ("PROGRESS_SSE_WATCHER_ERRORS", "type", "watcher_errors", "type"),
     ],
 )
 def test_boundary_values_are_accepted(variable: str, value: str, attr: str, expected: Any) -> None:
@@ -156,7 +171,46 @@ BAD_VALUES = [
     ("PROGRESS_SSE_KEY_PREFIX", "x" * 65),
     ("PROGRESS_SSE_KEY_PREFIX", "prögress"),
     ("PROGRESS_SSE_KEY_PREFIX", "a/b"),
+    ("PROGRESS_SSE_ALLOWED_HOSTS", "example.com:8000"),
+    ("PROGRESS_SSE_ALLOWED_HOSTS", "http://example.com"),
+    ("PROGRESS_SSE_CORS_ORIGINS", "https://app.example.com/"),
+    ("PROGRESS_SSE_CORS_ORIGINS", "*"),
+    ("PROGRESS_SSE_CORS_ORIGINS", "https://*.example.com"),
+    ("PROGRESS_SSE_CORS_ORIGINS", "app.example.com"),
+    ("PROGRESS_SSE_WATCHER_ERRORS", "none"),
+    ("PROGRESS_SSE_PUBLIC_KEY", "/no/such/key.pem"),
 ]
+
+
+def test_a_bad_secret_is_reported_without_repeating_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"PROGRESS_SSE_SECRET": "hunter2-too-short"})
+    assert str(info.value).startswith("PROGRESS_SSE_SECRET is not valid: expected at least 32 characters (got 17)")
+    assert "hunter2" not in str(info.value)
+
+
+def test_the_public_key_is_read_from_its_file_and_a_private_key_is_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "public.pem").write_bytes(public_pem)
+    assert (
+        Settings.from_env({"PROGRESS_SSE_PUBLIC_KEY": str(tmp_path / "public.pem")}).public_key == public_pem.decode()
+    )
+    assert Settings.from_env({"PROGRESS_SSE_PUBLIC_KEY": public_pem.decode()}).keyed
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    with pytest.raises(ConfigError, match="not a private key"):
+        Settings.from_env({"PROGRESS_SSE_PUBLIC_KEY": private_pem})
+    with pytest.raises(ConfigError, match="expected a PEM public key"):
+        Settings.from_env(
+            {"PROGRESS_SSE_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----"}
+        )
 
 
 @pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
@@ -279,6 +333,10 @@ def test_settings_round_trip_through_the_environment_they_hand_to_children() -> 
         queue="reports",
         worker_ttl=9,
         allowlist="shop.progress:TASKS",
+        secret="k" * 40,
+        allowed_hosts=("shop.example", ".example.org"),
+        cors_origins=("https://a.example", "http://localhost:3000"),
+        watcher_errors="type",
     )
     assert Settings.from_env(changed.to_env()) == changed
     assert "PROGRESS_SSE_ALLOWLIST" not in Settings().to_env(), "no allow-list: the demo tasks"

@@ -283,7 +283,7 @@ UNKNOWN_ID = "00000000-0000-4000-8000-00000000dead"
 async def test_every_stream_opens_through_one_place_before_any_answer(
     server: Server, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
-    """A check put in EventStream.opened (the next issue's access tokens) runs for a
+    """A check put in EventStream.opened (access.authorize, see tests/test_access.py) runs for a
     task's, many tasks' and a group's stream, and before any of them can say 404."""
     seen: list[str] = []
 

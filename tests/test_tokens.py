@@ -84,17 +84,29 @@ def test_tokens_that_cannot_be_used_say_why_without_repeating_the_token(
 
 
 @pytest.mark.parametrize(
-    "token",
+    ("token", "words"),
     [
-        watch_token(["t1"], key="another-secret-that-is-long-enough-for-hs256"),  # not our key
-        jwt.encode({"tasks": ["t1"], "exp": int(time.time()) + 86_400}, None, algorithm="none"),  # unsigned
-        "not.a.token",
-        "",
+        (watch_token(["t1"], key="another-secret-that-is-long-enough-for-hs256"), "not valid here"),  # not our key
+        (  # unsigned
+            jwt.encode({"tasks": ["t1"], "exp": int(time.time()) + 86_400}, None, algorithm="none"),
+            "accepts tokens signed with HS256, not 'none'",
+        ),
+        ("not.a.token", "malformed"),
+        ("", "malformed"),
     ],
 )
-def test_a_token_not_signed_with_our_key_is_refused(token: str) -> None:
-    with pytest.raises(TokenError, match="not valid here"):
+def test_a_token_not_signed_with_our_key_is_refused(token: str, words: str) -> None:
+    with pytest.raises(TokenError, match=words):
         verify(token, secret=SECRET)
+
+
+def test_with_both_keys_each_admits_only_its_own_algorithms() -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = pem(private.public_key())
+    assert verify(watch_token(["a"], key=SECRET), secret=SECRET, public_key=public).may_watch("a")
+    assert verify(watch_token(["b"], key=private, algorithm="RS256"), secret=SECRET, public_key=public).may_watch("b")
+    with pytest.raises(TokenError, match="not valid here"):  # HS256 is checked with the secret, never the public key
+        verify(hmac_signed({"operator": True, "exp": int(time.time()) + 60}, public), secret=SECRET, public_key=public)
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
@@ -114,14 +126,19 @@ def test_an_hs256_token_signed_with_the_public_key_is_refused() -> None:
     """The classic algorithm confusion: the public key is public, so an HMAC made
     with it as the secret must never pass where RS256 is expected."""
     public = pem(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key())
+    with pytest.raises(TokenError, match="not 'HS256'"):
+        verify(hmac_signed({"operator": True, "exp": int(time.time()) + 60}, public), public_key=public)
+
+
+def hmac_signed(claims: dict[str, Any], key: bytes) -> str:
+    """An HS256 JWT made by hand: PyJWT itself refuses to use a PEM key as a secret."""
 
     def part(value: dict[str, Any]) -> bytes:
         return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=")
 
-    signing_input = part({"alg": "HS256", "typ": "JWT"}) + b"." + part({"operator": True, "exp": int(time.time()) + 60})
-    signature = base64.urlsafe_b64encode(hmac.new(public, signing_input, hashlib.sha256).digest()).rstrip(b"=")
-    with pytest.raises(TokenError, match="not valid here"):
-        verify((signing_input + b"." + signature).decode(), public_key=public)
+    signing_input = part({"alg": "HS256", "typ": "JWT"}) + b"." + part(claims)
+    signature = base64.urlsafe_b64encode(hmac.new(key, signing_input, hashlib.sha256).digest()).rstrip(b"=")
+    return (signing_input + b"." + signature).decode()
 
 
 def test_a_server_without_a_key_refuses_every_token() -> None:
@@ -134,3 +151,26 @@ def test_minting_refuses_a_bad_ttl_or_algorithm() -> None:
         watch_token(["t1"], ttl=0, key=SECRET)
     with pytest.raises(TokenError, match="HS256, RS256 or ES256"):
         watch_token(["t1"], key=SECRET, algorithm="none")
+
+
+def test_a_refusal_names_the_missing_scope_and_what_it_does_not_list() -> None:
+    watcher = verify(watch_token(["t1", "t2"], groups=["g1"], key=SECRET), secret=SECRET)
+    assert watcher.refusal("tasks", ["t1", "t2"]) is None
+    assert watcher.refusal("tasks", ["t1", "x", "y"]) == (
+        "This token may not watch task 'x' and 1 more: the tasks scope of the token does not list it."
+    )
+    assert watcher.refusal("groups", ["g1"]) is None
+    assert "the groups scope" in str(watcher.refusal("groups", ["g2"]))
+    assert watcher.refusal("cancel", ["t1"]) == "This token may not cancel tasks: it has no cancel scope."
+    assert "operator scope" in str(watcher.refusal("operator"))
+    assert "the start scope" in str(watcher.refusal("start", ["demo.count"]))
+    canceller = verify(watch_token(["t1"], cancel=True, key=SECRET), secret=SECRET)
+    assert canceller.refusal("cancel", ["t1"]) is None
+    assert "the tasks scope" in str(canceller.refusal("cancel", ["t2"]))
+    operator = verify(operator_token(key=SECRET), secret=SECRET)
+    assert all(operator.refusal(scope, ["any"]) is None for scope in ("tasks", "groups", "start", "cancel", "operator"))
+
+
+def test_minting_refuses_a_short_secret() -> None:
+    with pytest.raises(TokenError, match="at least 32 characters"):
+        watch_token(["t1"], key="short")

@@ -7,10 +7,12 @@ knows exactly what to change.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -40,6 +42,19 @@ class Settings:
     worker_ttl: int = 30
     # "package.module:ATTRIBUTE" naming an AllowList; None means the demo tasks.
     allowlist: str | None = None
+    # Access tokens (web/access.py): with neither key the service is open.
+    secret: str | None = None  # HS256
+    public_key: str | None = None  # PEM of an RSA or EC public key: RS256 / ES256
+    # Host headers accepted; None: loopback names when listening on loopback, else any.
+    allowed_hosts: tuple[str, ...] | None = None
+    cors_origins: tuple[str, ...] = ()
+    # What a watcher (a token that is not an operator's) sees of a failure.
+    watcher_errors: str = "message"
+
+    @property
+    def keyed(self) -> bool:
+        """Whether every route but /healthz and the page's assets needs a token."""
+        return bool(self.secret or self.public_key)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -47,14 +62,14 @@ class Settings:
         values: dict[str, Any] = {}
         for setting in TABLE:  # in order: a default may be an earlier setting's value
             default = values[setting.default_from] if setting.default_from else getattr(d, setting.attr)
-            values[setting.attr] = _get(environ, setting.env, setting.parse, default)
+            values[setting.attr] = _get(environ, setting, default)
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """These settings as the environment variables that give them: for child
         processes, which read their settings from the environment."""
-        pairs = ((s.env, getattr(self, s.attr)) for s in TABLE)
-        return {env: str(value) for env, value in pairs if value is not None}
+        pairs = ((s, getattr(self, s.attr)) for s in TABLE)
+        return {s.env: s.unparse(value) for s, value in pairs if value is not None}
 
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the CLI's flags use it)."""
@@ -78,6 +93,10 @@ class Setting:
     default_from: str | None = None
     # How the default reads in --help, when not as the field's value.
     default_text: str | None = None
+    # The value back as the variable's text (the inverse of `parse`).
+    unparse: Callable[[Any], str] = str
+    # A key: an error about it names the variable, never the value.
+    sensitive: bool = False
 
     def default_help(self, settings: Settings) -> str:
         if self.default_text is not None:
@@ -99,14 +118,26 @@ def is_redis_url(url: str) -> bool:
     return urlsplit(url).scheme in ("redis", "rediss", "unix")
 
 
-def _get(environ: Mapping[str, str], key: str, parse: Callable[[str], _T], default: _T) -> _T:
-    raw = environ.get(key)
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps the service to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
+
+def _get(environ: Mapping[str, str], setting: Setting, default: _T) -> _T:
+    raw = environ.get(setting.env)
     if raw is None or raw.strip() == "":
         return default
     try:
-        return parse(raw.strip())
+        value: _T = setting.parse(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"{key}={raw!r} is not valid: {exc}") from None
+        shown = setting.env if setting.sensitive else f"{setting.env}={raw!r}"
+        raise ConfigError(f"{shown} is not valid: {exc}") from None
+    return value
 
 
 def _redis_url(raw: str) -> str:
@@ -176,6 +207,78 @@ _import_path = _matching(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", "package.module:ATTRIB
 _key_prefix = _matching(r"[A-Za-z0-9_.:-]{1,64}", "1 to 64 letters, digits or _ . : -")
 
 
+MIN_SECRET_LENGTH = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+
+
+def check_secret(raw: str) -> str:
+    """An HS256 secret, or ValueError saying how to make one."""
+    if len(raw) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"expected at least {MIN_SECRET_LENGTH} characters (got {len(raw)}); make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return raw
+
+
+def _public_key(raw: str) -> str:
+    """The PEM text of an RSA or EC public key: given as is, or as a file's path."""
+    text = raw
+    if not raw.startswith("-----BEGIN"):
+        try:
+            text = Path(raw).read_text()
+        except OSError as exc:
+            raise ValueError(f"expected a PEM public key or the path of a file holding one ({exc.strerror})") from None
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(text.encode())
+    except ValueError:
+        raise ValueError("expected a PEM public key (-----BEGIN PUBLIC KEY-----), not a private key") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ValueError("expected an RSA key (RS256) or an EC P-256 key (ES256)")
+    return text
+
+
+def _words(raw: str) -> list[str]:
+    return [word.strip() for word in raw.split(",") if word.strip()]
+
+
+def _joined(values: tuple[str, ...]) -> str:
+    return ",".join(values)
+
+
+_HOST = re.compile(r"\*|\.?[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\]")
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    hosts = tuple(word.lower() for word in _words(raw))
+    for host in hosts:
+        if not _HOST.fullmatch(host):
+            raise ValueError(
+                f"{host!r} is not a host name: expected names like example.com, .example.com (and its "
+                "subdomains), 127.0.0.1, [::1] or *, comma-separated, without ports"
+            )
+    return hosts
+
+
+_ORIGIN = re.compile(r"https?://[^/\s:*]+(:[0-9]{1,5})?")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = tuple(_words(raw))
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"{origin!r} is not an exact origin: expected scheme://host[:port] such as "
+                "https://app.example.com, with no path, no trailing slash and no wildcard"
+            )
+    return origins
+
+
+_watcher_errors = _matching("message|type", "message (a failure's type and message) or type (its type alone)")
+
+
 _SERVERS = frozenset({"web", "worker", "dev"})
 _WEB = frozenset({"web", "dev"})
 
@@ -236,5 +339,47 @@ TABLE: tuple[Setting, ...] = (
         "--allowlist",
         _WEB,
         default_text="the demo tasks",
+    ),
+    # The keys have no flags: a command line is visible to every user of the machine.
+    Setting(
+        "secret",
+        "PROGRESS_SSE_SECRET",
+        check_secret,
+        "HS256 key for access tokens (at least 32 characters); set, every route needs a token",
+        default_text="none: the service is open",
+        sensitive=True,
+    ),
+    Setting(
+        "public_key",
+        "PROGRESS_SSE_PUBLIC_KEY",
+        _public_key,
+        "PEM public key (or its file) for RS256/ES256 access tokens; set, every route needs a token",
+        default_text="none: the service is open",
+    ),
+    Setting(
+        "allowed_hosts",
+        "PROGRESS_SSE_ALLOWED_HOSTS",
+        _hosts,
+        "Host headers accepted, comma-separated (.example.com takes subdomains, * any); others get 400",
+        "--allowed-hosts",
+        _WEB,
+        default_text="loopback names when HOST is loopback, else any",
+        unparse=_joined,
+    ),
+    Setting(
+        "cors_origins",
+        "PROGRESS_SSE_CORS_ORIGINS",
+        _origins,
+        "exact origins (https://app.example.com) whose pages may call the API, comma-separated",
+        "--cors-origins",
+        _WEB,
+        default_text="none",
+        unparse=_joined,
+    ),
+    Setting(
+        "watcher_errors",
+        "PROGRESS_SSE_WATCHER_ERRORS",
+        _watcher_errors,
+        "what a watcher sees of a failure: message (type and message) or type; tracebacks are for operators only",
     ),
 )

@@ -71,6 +71,29 @@ def make_event(
     return event
 
 
+# What only an operator sees of a task: where it ran, and a failure's traceback.
+OPERATOR_ONLY = ("worker", "worker_pid", "pid")
+
+
+def for_watcher(body: dict[str, Any], *, messages: bool = True) -> dict[str, Any]:
+    """An event (or a task's description) as a watcher may see it: without the
+    operator-only fields and the traceback, and, when `messages` is off, with a
+    failure or retry told by its exception type alone. Returns `body` itself when
+    there is nothing to hide, so most events cost nothing."""
+    error = body.get("error")
+    if not isinstance(error, dict):
+        error = None
+    if error is None and not any(key in body for key in OPERATOR_ONLY):
+        return body
+    seen = {key: value for key, value in body.items() if key not in OPERATOR_ONLY}
+    if error is not None:
+        seen["error"] = {key: error[key] for key in ("type", "message") if key in error}
+        if not messages:
+            seen["error"].pop("message", None)
+            seen["message"] = error.get("type") or "Error"
+    return seen
+
+
 def dumps(value: Any) -> str:
     """Compact JSON, UTF-8 as is; NaN and infinities are refused rather than sent invalid.
 
@@ -136,9 +159,24 @@ class Frame:
     state: str
     data: str
     encoded: bytes = field(init=False, repr=False, compare=False)
+    # for_watcher's encodings, by `messages`: made once, shared by every watcher.
+    _watcher_encoded: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoded", encode_sse(id=str(self.seq), event=self.state, data=self.data))
+
+    def encoded_for_watcher(self, *, messages: bool) -> bytes:
+        """`encoded`, as a watcher may see it (for_watcher): only failures and
+        retries carry an error, so every other frame is its one encoding."""
+        if self.state not in (State.FAILURE, State.RETRY):
+            return self.encoded
+        cached = self._watcher_encoded.get(messages)
+        if cached is None:
+            payload = self.payload()
+            seen = for_watcher(payload, messages=messages)
+            data = self.data if seen is payload else dumps(seen)
+            cached = self._watcher_encoded[messages] = encode_sse(id=str(self.seq), event=self.state, data=data)
+        return cached
 
     @property
     def terminal(self) -> bool:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+
+from .config import check_secret
 
 SECRET_ENV = "PROGRESS_SSE_SECRET"
 DEFAULT_TTL = 3600  # seconds: a long job's page stays open that long without renewing
@@ -58,6 +60,26 @@ class Grant:
 
     def may_cancel(self, task_id: str) -> bool:
         return self.operator or (self.cancel and task_id in self.tasks)
+
+    def refusal(self, scope: str, items: Sequence[str] = ()) -> str | None:
+        """None when this grant covers `scope` for every one of `items`; otherwise
+        the reason, naming the scope that is missing (the sentence of a 403)."""
+        if self.operator:
+            return None
+        if scope == "operator":
+            return "This needs an operator token (the operator scope)."
+        allowed = {"tasks": self.may_watch, "groups": self.may_watch_group, "start": self.may_start}
+        if scope == "cancel":
+            if not self.cancel:
+                return "This token may not cancel tasks: it has no cancel scope."
+            allowed["cancel"] = self.may_cancel
+        outside = [item for item in items if not allowed[scope](item)]
+        if not outside:
+            return None
+        what = {"tasks": "watch task", "groups": "watch group", "start": "start", "cancel": "cancel task"}[scope]
+        listed = "the tasks" if scope == "cancel" else f"the {scope}"
+        others = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+        return f"This token may not {what} {outside[0]!r}{others}: {listed} scope of the token does not list it."
 
 
 def watch_token(
@@ -99,17 +121,24 @@ def verify(token: str, *, secret: str | None = None, public_key: Any = None) -> 
     """The grant of a token signed with `secret` (HS256) or the private half of
     `public_key` (RS256/ES256); raises TokenError saying why not.
 
-    The accepted algorithms follow from the key that is configured, never from
-    the token's own header: a token cannot choose `none`, nor HS256 signed with
-    the public key."""
-    if secret:
-        key, algorithms = secret, ["HS256"]
-    elif public_key is not None:
-        key, algorithms = public_key, list(ASYMMETRIC)
-    else:
+    Each configured key admits only its own algorithms, whatever the token's header
+    claims: the header merely picks which of the configured keys to try. So a token
+    cannot choose `none`, nor pass as HS256 signed with the (public) RSA key."""
+    if not secret and public_key is None:
         raise TokenError("This server has no key to check tokens with.")
     try:
-        claims = jwt.decode(token, key, algorithms=algorithms, options={"require": ["exp"]})
+        algorithm = jwt.get_unverified_header(token).get("alg")
+    except jwt.InvalidTokenError:
+        raise TokenError("The token is malformed: expected a JWT (three base64url parts joined by dots).") from None
+    if algorithm == "HS256" and secret:
+        key: Any = secret
+    elif algorithm in ASYMMETRIC and public_key is not None:
+        key = public_key
+    else:
+        accepted = " or ".join(([*ASYMMETRIC] if public_key is not None else []) + (["HS256"] if secret else []))
+        raise TokenError(f"This server accepts tokens signed with {accepted}, not {algorithm!r}.")
+    try:
+        claims = jwt.decode(token, key, algorithms=[algorithm], options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
         raise TokenError("The token has expired; get a new one.") from None
     except jwt.MissingRequiredClaimError:
@@ -126,6 +155,11 @@ def _mint(claims: dict[str, Any], *, ttl: float, subject: str | None, key: Any, 
         raise TokenError(f"Set {SECRET_ENV}, or pass key= (a secret for HS256, a private key for RS256/ES256).")
     if algorithm != "HS256" and algorithm not in ASYMMETRIC:
         raise TokenError(f"Tokens are signed with HS256, RS256 or ES256, not {algorithm}.")
+    if algorithm == "HS256" and isinstance(key, str):
+        try:
+            check_secret(key)
+        except ValueError as exc:
+            raise TokenError(f"The HS256 secret is too short: {exc}.") from None
     if not ttl > 0:
         raise TokenError(f"ttl must be a positive number of seconds, not {ttl!r}.")
     payload = {"exp": int(time.time() + ttl), **claims}

@@ -10,7 +10,6 @@ setting and the bad value.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -99,11 +98,14 @@ def _web(settings: Settings) -> int:
         # Called once the socket listens: the line means a client can connect now.
         where = f"http://{settings.host}:{settings.port}"
         print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)})", flush=True)
-        if not _loopback(settings.host):
+        if settings.keyed:
+            print("progress-sse web: access tokens required on every route but /healthz and the page", flush=True)
+        elif not config.is_loopback(settings.host):
             log.warning(
-                "progress-sse web listens on %s with no access control: anyone who can reach it can start and "
-                "cancel allow-listed tasks and read recent tasks and their results. Put it behind your own auth "
-                "(README: Deploy), or set HOST=127.0.0.1 to keep it to this machine.",
+                "progress-sse web listens on %s with NO ACCESS CONTROL: anyone who can reach it can start and "
+                "cancel allow-listed tasks and read every task and its results. Set PROGRESS_SSE_SECRET to require "
+                "access tokens (README: Show your users their own tasks), or HOST=127.0.0.1 to keep it to this "
+                "machine.",
                 where,
             )
 
@@ -116,15 +118,6 @@ def _web(settings: Settings) -> int:
         print=serving,
     )
     return 0
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: only "localhost" is known to stay on this machine
-        return False
 
 
 def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) -> int:

@@ -22,9 +22,12 @@ from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
 from . import handlers, pages, reaper
-from .context import ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS, STORE, STREAMS
+from .access import Access, guard
+from .access_log import TokenlessAccessLogger
+from .context import ACCESS, ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS, STORE, STREAMS
+from .cors import Cors
 from .delivery import EventStream
-from .errors import json_errors
+from .errors import Handler, json_errors
 from .hub import Hub
 from .store import Store
 
@@ -40,7 +43,24 @@ RUN_OPTIONS: dict[str, Any] = {
     "handler_cancellation": True,
     "max_line_size": MAX_REQUEST_LINE,
     "keepalive_timeout": 75.0,
+    # A stream's ?token= must not reach the log.
+    "access_log_class": TokenlessAccessLogger,
 }
+# Open to anyone even with a key set: they hold no task data (the page reads its
+# token from the URL fragment, which is never sent).
+PUBLIC_ROUTES = frozenset({"index", "static", "static_latest", "healthz"})
+# (method, route) pairs a page on another origin may call (PROGRESS_SSE_CORS_ORIGINS).
+CORS_ROUTES = frozenset(
+    {
+        ("GET", "task"),
+        ("DELETE", "task"),
+        ("POST", "tasks"),
+        ("GET", "task_events"),
+        ("GET", "events"),
+        ("GET", "group"),
+        ("GET", "group_events"),
+    }
+)
 
 
 def create_app(
@@ -55,8 +75,11 @@ def create_app(
 
     `allowlist` defaults to `settings.allowlist` (PROGRESS_SSE_ALLOWLIST), else the
     demo tasks."""
-    app = web.Application(middlewares=[json_errors])
+    access = Access.from_settings(settings)
+    cors = Cors(settings.cors_origins, CORS_ROUTES)
+    app = web.Application(middlewares=[json_errors, guard(access, cors, _public)])
     app[SETTINGS] = settings
+    app[ACCESS] = access
     if allowlist is None:
         allowlist = load_allowlist(settings.allowlist) if settings.allowlist else DEMO_TASKS
     app[ALLOWLIST] = allowlist
@@ -65,19 +88,22 @@ def create_app(
     app.cleanup_ctx.append(_redis_ctx)
     app.on_shutdown.append(_end_streams)
     app.on_response_prepare.append(_nosniff)
-    app.add_routes(
-        [
-            web.post("/tasks", handlers.start_task),
-            web.get("/tasks", handlers.recent_tasks),
-            web.get("/tasks/{task_id}", handlers.task_state, name="task"),
-            web.delete("/tasks/{task_id}", handlers.cancel_task),
-            web.get("/tasks/{task_id}/events", handlers.task_events),
-            web.get("/events", handlers.many_events),
-            web.get("/groups/{group_id}", handlers.group_state),
-            web.get("/groups/{group_id}/events", handlers.group_events),
-            web.get("/healthz", handlers.healthz),
-        ]
-    )
+    app.on_response_prepare.append(cors.on_prepare)
+    # One named resource per path: the names are what PUBLIC_ROUTES and CORS_ROUTES
+    # (and url_for) refer to, whatever the method.
+    routes: dict[tuple[str, str], dict[str, Handler]] = {
+        ("/tasks", "tasks"): {"POST": handlers.start_task, "GET": handlers.recent_tasks},
+        ("/tasks/{task_id}", "task"): {"GET": handlers.task_state, "DELETE": handlers.cancel_task},
+        ("/tasks/{task_id}/events", "task_events"): {"GET": handlers.task_events},
+        ("/events", "events"): {"GET": handlers.many_events},
+        ("/groups/{group_id}", "group"): {"GET": handlers.group_state},
+        ("/groups/{group_id}/events", "group_events"): {"GET": handlers.group_events},
+        ("/healthz", "healthz"): {"GET": handlers.healthz},
+    }
+    for (path, name), methods in routes.items():
+        resource = app.router.add_resource(path, name=name)
+        for method, handler in methods.items():
+            resource.add_route(method, handler)
     return app
 
 
@@ -90,7 +116,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     app[STORE] = Store(client, keys)
     app[HUB] = hub
-    app[STREAMS] = EventStream(hub, app[STORE], heartbeat=settings.heartbeat)
+    app[STREAMS] = EventStream(hub, app[STORE], app[ACCESS], heartbeat=settings.heartbeat)
     app[PUBLISHER] = Publisher.from_settings(settings)
     await hub.start()
     reaper_task = asyncio.create_task(reaper.run(client, keys, app[PUBLISHER], settings.worker_ttl))
@@ -105,6 +131,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
         app[PUBLISHER].client.close()
         await asyncio.to_thread(app[CELERY].close)
+
+
+def _public(request: web.Request) -> bool:
+    name = request.match_info.route.name
+    if name == "task" and request.method in ("GET", "HEAD"):
+        return pages.wants_html(request)  # the task page's shell; its data comes with the page's token
+    return name in PUBLIC_ROUTES
 
 
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:

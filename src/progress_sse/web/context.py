@@ -13,11 +13,13 @@ from celery import Celery
 from ..allowlist import AllowList
 from ..config import Settings
 from ..worker.publisher import Publisher
+from .access import Access
 from .delivery import EventStream
 from .hub import Hub
 from .store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
+ACCESS = web.AppKey("access", Access)
 ALLOWLIST = web.AppKey("allowlist", AllowList)
 CELERY = web.AppKey("celery", Celery)
 REDIS = web.AppKey("redis", aioredis.Redis)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 
 from aiohttp import web
 
 from ..events import PING, Frame, unknown_task_frame
+from .access import GRANT, Access, authorize, frame_bytes
 from .errors import error
 from .hub import Hub, Signal, Watcher
 from .store import Store
@@ -58,24 +61,46 @@ class Live:
     shrink as tasks end) in order, each batch what had arrived by then, so a
     client that fell behind catches up in one write. Between batches it writes a
     ping after `heartbeat` seconds without a write. It ends when the hub closes
-    the watcher (shutdown); the caller stops it when it has what it needs.
+    the watcher (shutdown), or when the token the stream was opened with expires
+    (`expires`, a Unix time): the client's reconnect then needs a new one. The
+    caller stops it when it has what it needs.
     """
 
-    def __init__(self, response: web.StreamResponse, watcher: Watcher, store: Store, *, heartbeat: float) -> None:
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        watcher: Watcher,
+        store: Store,
+        *,
+        heartbeat: float,
+        expires: float = math.inf,
+        encode: Callable[[Frame], bytes] = lambda frame: frame.encoded,
+    ) -> None:
         self.response, self.watcher, self.store, self.heartbeat = response, watcher, store, heartbeat
+        self.encode = encode
         self._clock = asyncio.get_running_loop().time
         self._last_write = self._clock()
+        self._deadline = self._clock() + (expires - time.time())  # on the loop's clock
 
     async def write(self, data: bytes) -> None:
         await self.response.write(data)
         self._last_write = self._clock()
 
+    async def send(self, frames: Iterable[Frame], before: bytes = b"") -> None:
+        """`before`, then the frames, as this stream's client may see them, in one write."""
+        await self.write(before + b"".join(self.encode(frame) for frame in frames))
+
     async def batches(self, tasks: Callable[[], Collection[str]], position: int) -> AsyncGenerator[list[Frame], None]:
         while not self.watcher.closed:
             # Items the stream drops (duplicates) must not postpone the ping.
-            first = await self.watcher.next(max(0.0, self._last_write + self.heartbeat - self._clock()))
+            now = self._clock()
+            if now >= self._deadline:
+                return
+            wait = min(self._last_write + self.heartbeat, self._deadline) - now
+            first = await self.watcher.next(max(0.0, wait))
             if first is None:
-                await self.write(PING)
+                if self._clock() < self._deadline:
+                    await self.write(PING)
                 continue
             batch: list[Frame] = []
             for item in [first, *self.watcher.pending()]:
@@ -92,27 +117,48 @@ class Live:
 
 
 class EventStream:
-    def __init__(self, hub: Hub, store: Store, *, heartbeat: float) -> None:
+    def __init__(self, hub: Hub, store: Store, access: Access, *, heartbeat: float) -> None:
         self.hub = hub
         self.store = store
+        self.access = access
         self.heartbeat = heartbeat
 
     @contextlib.asynccontextmanager
     async def opened(
-        self, request: web.Request, task_ids: Sequence[str] | Callable[[], Awaitable[Sequence[str]]]
+        self,
+        request: web.Request,
+        task_ids: Sequence[str] | Callable[[], Awaitable[Sequence[str]]],
+        *,
+        group: str | None = None,
     ) -> AsyncIterator[tuple[Watcher, list[str], int | None]]:
         """Where every stream starts, one task's, many tasks' or a group's (and every
         reconnect): its task ids, its watcher, subscribed, and the client's cursor.
         What each stream must check before it reads or watches anything belongs
-        here, once, at the top: before even a group's members are looked up (a
-        callable `task_ids`), so no answer, not even a 404, comes before it."""
+        here, once, at the top: the token's scope (every task listed, or the
+        group), before even a group's members are looked up (a callable
+        `task_ids`), so no answer, not even a 404, comes before it."""
+        if group is not None:
+            authorize(request, "groups", [group])
+        elif not callable(task_ids):
+            authorize(request, "tasks", task_ids)  # one id outside the scope refuses the whole stream
+        else:
+            raise TypeError("a stream of looked-up tasks is a group's: name it")
         cursor = parse_cursor(request)
         ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
         async with self.hub.watch(ids) as watcher:
             yield watcher, ids, cursor
 
-    def live(self, response: web.StreamResponse, watcher: Watcher) -> Live:
-        return Live(response, watcher, self.store, heartbeat=self.heartbeat)
+    def live(self, request: web.Request, response: web.StreamResponse, watcher: Watcher) -> Live:
+        """The live loop of `request`'s stream: it ends when the request's token
+        expires, and writes frames as the token's holder may see them."""
+        return Live(
+            response,
+            watcher,
+            self.store,
+            heartbeat=self.heartbeat,
+            expires=request[GRANT].expires,
+            encode=frame_bytes(request, self.access),
+        )
 
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
@@ -129,16 +175,13 @@ class EventStream:
 
             response = web.StreamResponse(headers=SSE_HEADERS)
             await response.prepare(request)
-            live = self.live(response, watcher)
-            await live.write(
-                PING
-                + b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)
-                + b"".join(frame.encoded for frame in frames)
-            )
+            live = self.live(request, response, watcher)
+            unknown = b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)
+            await live.send(frames, before=PING + unknown)
             if waiting:
                 async with contextlib.aclosing(live.batches(lambda: waiting, start.upto)) as batches:
                     async for batch in batches:
-                        await live.write(b"".join(frame.encoded for frame in batch))
+                        await live.send(batch)
                         waiting.difference_update(frame.task_id for frame in batch if frame.terminal)
                         if not waiting:
                             break

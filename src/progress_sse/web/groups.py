@@ -85,7 +85,7 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
             raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
         return ids
 
-    async with streams.opened(request, known_members) as (watcher, ids, cursor):
+    async with streams.opened(request, known_members, group=group_id) as (watcher, ids, cursor):
         start = await store.start(ids, None)
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
         last_seq = max((f.seq for f in latest.values()), default=0)
@@ -98,7 +98,7 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
 
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
-        live = streams.live(response, watcher)
+        live = streams.live(request, response, watcher)
 
         def frame(seq: int) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))

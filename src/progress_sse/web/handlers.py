@@ -18,7 +18,8 @@ from ..celery_progress import celery_progress_json
 from ..events import State
 from ..keys import is_task_id
 from . import control, groups, pages, reaper
-from .context import ALLOWLIST, HUB, REDIS, STORE, STREAMS
+from .access import authorize, body_for
+from .context import ACCESS, ALLOWLIST, HUB, REDIS, STORE, STREAMS
 from .errors import error
 from .store import describe
 
@@ -60,6 +61,8 @@ async def start_task(request: web.Request) -> web.Response:
             web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.'
         )
     name = data.get("name")
+    # Before the allow-list is consulted: a token's refusal says nothing about it.
+    grant = authorize(request, "start", [str(name)])
     try:
         kwargs = request.app[ALLOWLIST].check(name, data.get("args", []), data.get("kwargs", {}))
     except ParamError as exc:
@@ -82,6 +85,9 @@ async def start_task(request: web.Request) -> web.Response:
         "cursor": str(cursor),
         **workers,
     }
+    token = request.app[ACCESS].watch_token_for(task_id, grant)
+    if token is not None:  # so the starter can watch what it started
+        answer["token"] = token
     return _json(answer, status=202, headers={"Location": location})
 
 
@@ -113,19 +119,24 @@ async def _read_body(request: web.Request) -> bytes:
 
 
 async def task_state(request: web.Request) -> web.Response:
+    access = request.app[ACCESS]
     if pages.wants_html(request):
         task_id = request.match_info["task_id"]
-        known = is_task_id(task_id) and await request.app[STORE].task(task_id) is not None
+        # With tokens on, the page is public, so it must not tell which tasks exist:
+        # it learns that with its token, like any other client.
+        known = access.keyed or (is_task_id(task_id) and await request.app[STORE].task(task_id) is not None)
         return await pages.task_page(request, task_id, known)
     task_id = _id(request)
+    authorize(request, "tasks", [task_id])
     state = await request.app[STORE].task(task_id)
+    body = body_for(request, access, describe(state)) if state else None
     if request.query.get("format") == "celery-progress":
         # celery-progress's view shape, for polling front ends mid-migration. An id
         # not seen yet is PENDING there (its JS stops polling on any non-200).
-        return _json(celery_progress_json(describe(state) if state else None))
-    if state is None:
+        return _json(celery_progress_json(body))
+    if body is None:
         raise error(web.HTTPNotFound, f"There is no task {task_id!r} (or its history has expired).")
-    return _json(describe(state))
+    return _json(body)
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
@@ -154,7 +165,9 @@ async def many_events(request: web.Request) -> web.StreamResponse:
 
 
 async def group_state(request: web.Request) -> web.Response:
-    return await groups.group_state(request, request.app[STORE], _id(request, "group"))
+    group_id = _id(request, "group")
+    authorize(request, "groups", [group_id])
+    return await groups.group_state(request, request.app[STORE], group_id)
 
 
 async def group_events(request: web.Request) -> web.StreamResponse:
@@ -163,12 +176,14 @@ async def group_events(request: web.Request) -> web.StreamResponse:
 
 async def cancel_task(request: web.Request) -> web.Response:
     task_id = _id(request)
+    authorize(request, "cancel", [task_id])
     # Shielded: a client that hangs up must not leave the revocation half done.
     final = await asyncio.shield(control.cancel(request.app, task_id))
     return _json({"id": task_id, "state": final}, status=202)
 
 
 async def recent_tasks(request: web.Request) -> web.Response:
+    authorize(request, "operator")
     raw = request.query.get("limit", "50")
     digits = raw.lstrip("0") or "0"
     if not (raw.isascii() and raw.isdigit() and len(digits) <= 3 and 1 <= int(digits) <= 500):

@@ -85,8 +85,8 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app.router.add_get("/", index, name="index")
-    app.router.add_get("/static/{version}/{name}", static_file)
-    app.router.add_get("/static/{name}", latest_static_file)
+    app.router.add_get("/static/{version}/{name}", static_file, name="static")
+    app.router.add_get("/static/{name}", latest_static_file, name="static_latest")
 
 
 def base_path(request: web.Request) -> str:

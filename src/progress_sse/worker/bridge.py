@@ -249,6 +249,8 @@ def _on_retry(sender: Any = None, request: Any = None, reason: Any = None, **kwa
         extra["eta"] = round(when.timestamp(), 3)
     exc = getattr(reason, "exc", None)
     message = f"{type(exc).__name__}: {exc}" if exc is not None else str(reason or "retrying")
+    if exc is not None:  # as a failure's: events.for_watcher can then hide the message
+        extra["error"] = {"type": type(exc).__name__, "message": str(exc)}
     _finish(task_id, name, State.RETRY, message=message, **extra)
 
 
@@ -307,14 +309,14 @@ def _on_unknown(sender: Any = None, name: str | None = None, id: str | None = No
     # "queued" for ever.
     if _publisher is None or not id or not _tracked(name):
         return
-    host = getattr(sender, "hostname", None)  # sender: the worker's Consumer
-    where = f"The worker {host}" if host else "A worker"
+    # The worker's name goes in its own field, which only operators see.
+    host = getattr(sender, "hostname", None) or ""  # sender: the worker's Consumer
     message = (
-        f"{where} does not know the task {name!r} and dropped it: register it in the worker's app, "
+        f"A worker does not know the task {name!r} and dropped it: register it in the worker's app, "
         "or start the worker that has it on this queue"
     )
     error = {"type": "NotRegistered", "message": message, "traceback": ""}
-    _finish(str(id), name, State.FAILURE, message=message, error=error)
+    _finish(str(id), name, State.FAILURE, message=message, error=error, worker=host)
 
 
 def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
