@@ -39,7 +39,15 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")
 
 # Variables that would change how the CLI draws or where it connects.
-_CLEAN = ("PROGRESS_SSE_URL", "PROGRESS_SSE_RETRY_FOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR")
+_CLEAN = (
+    "PROGRESS_SSE_URL",
+    "PROGRESS_SSE_RETRY_FOR",
+    "PROGRESS_SSE_TOKEN",  # a developer's own token must not change these tests
+    "FORCE_COLOR",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "NO_COLOR",
+)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

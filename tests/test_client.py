@@ -18,12 +18,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from progress_sse.cli.client import (
+    AccessRefused,
     CannotConnect,
     Reconnecting,
     Rejected,
     RetryPolicy,
     TaskEvent,
     TaskNotFound,
+    cancel_task,
     fetch_state,
     follow,
     new_session,
@@ -375,6 +377,112 @@ async def test_start_task_reports_the_servers_refusal(aiohttp_server: Any) -> No
     assert caught.value.status == 422
 
 
+# --- the access token --------------------------------------------------------------------
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJ0YXNrcyI6WyJ0LTEiXX0.c2lnbmF0dXJl"
+
+
+async def test_the_token_rides_every_request_in_the_header_never_in_the_url(aiohttp_server: Any) -> None:
+    # A first stream that drops, a reconnect answered 204, then the state: three requests.
+    seen: list[tuple[str, str | None]] = []
+
+    async def stream_or_204(request: web.Request) -> web.StreamResponse:
+        seen.append((str(request.rel_url), request.headers.get("Authorization")))
+        if len(seen) == 1:
+            return await drop(request, await stream(request, *STORY[:3]))
+        return web.Response(status=204)
+
+    async def state(request: web.Request) -> web.Response:
+        seen.append((str(request.rel_url), request.headers.get("Authorization")))
+        return web.json_response({"task_id": TASK, "state": "success", "cursor": "9", "result": 1})
+
+    app = web.Application()
+    app.router.add_get("/tasks/{id}/events", stream_or_204)
+    app.router.add_get("/tasks/{id}", state)
+    server = await aiohttp_server(app)
+    async with new_session() as session:
+        items = [i async for i in follow(session, str(server.make_url("/")), TASK, policy=FAST, token=TOKEN)]
+    assert events(items)[-1].state == "success"
+    assert [path for path, _ in seen] == [f"/tasks/{TASK}/events", f"/tasks/{TASK}/events", f"/tasks/{TASK}"]
+    assert {auth for _, auth in seen} == {f"Bearer {TOKEN}"}
+
+
+async def test_no_token_sends_no_authorization_header(scripted: Any) -> None:
+    headers: list[str | None] = []
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        headers.append(request.headers.get("Authorization"))
+        resp = await stream(request, *STORY)
+        await resp.write_eof()
+        return resp
+
+    _, base = await scripted(handler)
+    await collect(base)
+    assert headers == [None]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refusal_on_reconnect_ends_the_watch_with_the_servers_sentence(scripted: Any, status: int) -> None:
+    # The server ends the stream when the token expires; the reconnect is refused.
+    sentence = "The token has expired; get a new one."
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 1:
+            resp = await stream(request, *STORY[:3])
+            await resp.write_eof()
+            return resp
+        return web.json_response({"error": sentence}, status=status)
+
+    script, base = await scripted(handler)
+    seen: list[TaskEvent | Reconnecting] = []
+    with pytest.raises(AccessRefused) as caught:
+        async with new_session() as session:
+            async for item in follow(session, base, TASK, policy=FAST, token=TOKEN):
+                seen.append(item)
+    assert (caught.value.status, caught.value.reason) == (status, sentence)
+    assert str(caught.value) == f"access refused ({status}): {sentence}"
+    assert script.cursors == [None, "3"], "refused once, and not asked again"
+    assert [e.cursor for e in events(seen)] == ["1", "2", "3"]
+
+
+async def test_a_refusal_without_a_sentence_still_says_what_happened(scripted: Any) -> None:
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        return web.Response(status=401, text="<html>Unauthorized</html>", content_type="text/html")
+
+    _, base = await scripted(handler)
+    with pytest.raises(AccessRefused, match=r"^access refused \(401\): the server asks for a token"):
+        await collect(base)
+
+
+async def test_start_and_cancel_send_the_token_and_start_returns_the_servers_watch_token(aiohttp_server: Any) -> None:
+    auth: list[str | None] = []
+    answers: list[Any] = ["watch.token.x", 42, None]
+
+    async def start(request: web.Request) -> web.Response:
+        auth.append(request.headers.get("Authorization"))
+        body: dict[str, Any] = {"id": f"task-{len(auth)}", "state": "queued"}
+        if (answer := answers[len(auth) - 1]) is not None:
+            body["token"] = answer
+        return web.json_response(body, status=202)
+
+    async def cancel(request: web.Request) -> web.Response:
+        auth.append(request.headers.get("Authorization"))
+        return web.json_response({"error": "This token may not cancel tasks: it has no cancel scope."}, status=403)
+
+    app = web.Application()
+    app.router.add_post("/tasks", start)
+    app.router.add_delete("/tasks/{id}", cancel)
+    server = await aiohttp_server(app)
+    base = str(server.make_url("/"))
+    async with new_session() as session:
+        started = [await start_task(session, base, "demo.count", token=TOKEN) for _ in answers]
+        with pytest.raises(AccessRefused, match=r"^access refused \(403\): This token may not cancel") as caught:
+            await cancel_task(session, base, "task-1", token=TOKEN)
+    assert [(s.id, s.token) for s in started] == [("task-1", "watch.token.x"), ("task-2", None), ("task-3", None)]
+    assert caught.value.status == 403
+    assert auth == [f"Bearer {TOKEN}"] * 4
+
+
 # --- follow() against the real server ----------------------------------------------------
 
 
@@ -391,7 +499,7 @@ async def test_a_real_server_restart_mid_stream_loses_and_repeats_nothing(
     items: list[TaskEvent | Reconnecting] = []
     try:
         async with new_session() as session:
-            task_id = await start_task(session, base, "demo.count", kwargs={"n": 30, "delay": 0.05})
+            task_id = (await start_task(session, base, "demo.count", kwargs={"n": 30, "delay": 0.05})).id
             policy = RetryPolicy(initial=0.05, maximum=0.2, give_up_after=30)
             async for item in follow(session, base, task_id, policy=policy):
                 items.append(item)

@@ -5,7 +5,12 @@ start and cancel tasks.
 terminal one, reconnecting with the cursor (`Last-Event-ID`) whenever the
 connection drops, so the caller sees every event exactly once, in order, however
 often the network fails. It gives up (`CannotConnect`) only when no connection
-has been healthy for `RetryPolicy.give_up_after` seconds.
+has been healthy for `RetryPolicy.give_up_after` seconds, and at once when the
+server refuses access (`AccessRefused`: a reconnect after the token expired).
+
+An access token goes in the `Authorization: Bearer` header of every request,
+reconnects included, never in the URL: URLs end up in access logs, proxies'
+logs and error messages. No message of this module repeats it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -48,6 +54,16 @@ class CannotConnect(ClientError):
 
 class AlreadyEnded(ClientError):
     """`DELETE /tasks/<id>` found the task ended (409): there is nothing to cancel."""
+
+
+class AccessRefused(ClientError):
+    """401 or 403: no token, a wrong or expired one, or one without the scope asked for.
+    `reason` is the server's `{"error"}` sentence (which never repeats the token)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"access refused ({status}): {reason}")
+        self.status = status
+        self.reason = reason
 
 
 class Rejected(ClientError):
@@ -105,6 +121,32 @@ class RetryPolicy:
         return base * random.uniform(0.5, 1.0)
 
 
+@dataclass(frozen=True)
+class Started:
+    """What `POST /tasks` answered: the new task's id and, when the server checks
+    tokens, a token to watch it (`None` otherwise)."""
+
+    id: str
+    token: str | None = None
+
+
+# The characters of a JWT (base64url and dots) and of any other bearer token worth
+# sending: visible ASCII. Anything else (a space, a newline, a non-ASCII character)
+# would fail deep inside the HTTP library with an error that might quote it.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+REFUSED = (401, 403)
+
+
+def is_token(text: str) -> bool:
+    """Whether `text` can be sent as a bearer token."""
+    return _TOKEN.fullmatch(text) is not None
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The header that carries `token`; none without one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def task_url(base_url: str, task_id: str) -> str:
     # quote: an id with a slash or a space must not change the path.
     return f"{base_url.rstrip('/')}/tasks/{quote(task_id, safe='')}"
@@ -124,10 +166,12 @@ async def follow(
     *,
     cursor: str | None = None,
     policy: RetryPolicy | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[TaskEvent | Reconnecting]:
     """Every event of the task from now (or after `cursor`) to its terminal one.
 
-    Raises `TaskNotFound` on a 404, and `CannotConnect` when the first connection
+    Raises `TaskNotFound` on a 404, `AccessRefused` on a 401 or 403 (also on a
+    reconnect: a token that expired mid-stream is not retried), and `CannotConnect` when the first connection
     fails (a wrong URL should fail fast, not after a minute of retries) or when
     later reconnects keep failing for `policy.give_up_after` seconds. Ends after
     yielding the terminal event.
@@ -141,17 +185,19 @@ async def follow(
     while True:
         opened_at = clock()
         healthy = False
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **bearer(token)}
         if cursor:
             headers["Last-Event-ID"] = cursor
         try:
             async with session.get(url, headers=headers) as resp:
                 if resp.status == 404:
                     raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+                if resp.status in REFUSED:
+                    raise await _access_refused(resp)
                 if resp.status == 204:
                     # Our cursor is at or after the terminal event: the task ended while
                     # we were away. Its state says how.
-                    yield await _final_state(session, base_url, task_id)
+                    yield await _final_state(session, base_url, task_id, token)
                     return
                 if resp.status >= 500:
                     raise _Transient(await _error_message(resp, f"the server answered {resp.status}"))
@@ -191,11 +237,16 @@ async def follow(
         await asyncio.sleep(delay)
 
 
-async def fetch_state(session: aiohttp.ClientSession, base_url: str, task_id: str) -> dict[str, Any]:
+async def fetch_state(
+    session: aiohttp.ClientSession, base_url: str, task_id: str, token: str | None = None
+) -> dict[str, Any]:
     """`GET /tasks/<id>`: the task's latest event plus what is known of it."""
-    async with session.get(task_url(base_url, task_id), headers={"Accept": "application/json"}) as resp:
+    headers = {"Accept": "application/json", **bearer(token)}
+    async with session.get(task_url(base_url, task_id), headers=headers) as resp:
         if resp.status == 404:
             raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+        if resp.status in REFUSED:
+            raise await _access_refused(resp)
         if resp.status != 200:
             raise _Transient(await _error_message(resp, f"GET /tasks/{task_id} answered {resp.status}"))
         body = await resp.json()
@@ -210,28 +261,37 @@ async def start_task(
     name: str,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
-) -> str:
-    """`POST /tasks`; returns the new task's id. Raises `Rejected` or `CannotConnect`."""
+    token: str | None = None,
+) -> Started:
+    """`POST /tasks`; the new task's id, and the token to watch it with if the server
+    sent one. Raises `AccessRefused`, `Rejected` or `CannotConnect`."""
     url = f"{base_url.rstrip('/')}/tasks"
     body = {"name": name, "args": list(args), "kwargs": dict(kwargs or {})}
-    async with _request(session, "POST", url, "start a task", json=body) as resp:
+    async with _request(session, "POST", url, "start a task", json=body, headers=bearer(token)) as resp:
+        if resp.status in REFUSED:
+            raise await _access_refused(resp)
         if resp.status != 202:
             raise Rejected(resp.status, await _error_message(resp, f"{url} answered {resp.status}"))
         answer = await resp.json()
     if not isinstance(answer, dict) or not isinstance(answer.get("id"), str):
         raise CannotConnect(f"{url} accepted the task but sent no id; check --url")
-    return str(answer["id"])
+    watch_token = answer.get("token")
+    return Started(str(answer["id"]), watch_token if isinstance(watch_token, str) and is_token(watch_token) else None)
 
 
-async def cancel_task(session: aiohttp.ClientSession, base_url: str, task_id: str) -> str:
+async def cancel_task(session: aiohttp.ClientSession, base_url: str, task_id: str, token: str | None = None) -> str:
     """`DELETE /tasks/<id>`; the task's state once the server is done: `revoked`, or how
     it ended if it ended on its own meanwhile.
 
-    Raises `TaskNotFound` (404), `AlreadyEnded` (409) or `CannotConnect` (anything else)."""
+    Raises `TaskNotFound` (404), `AccessRefused` (401, 403), `AlreadyEnded` (409) or
+    `CannotConnect` (anything else)."""
     url = task_url(base_url, task_id)
-    async with _request(session, "DELETE", url, "cancel the task", headers={"Accept": "application/json"}) as resp:
+    headers = {"Accept": "application/json", **bearer(token)}
+    async with _request(session, "DELETE", url, "cancel the task", headers=headers) as resp:
         if resp.status == 404:
             raise TaskNotFound(await _error_message(resp, f"There is no task {task_id!r}."))
+        if resp.status in REFUSED:
+            raise await _access_refused(resp)
         if resp.status == 409:
             raise AlreadyEnded(await _error_message(resp, f"Task {task_id} has already ended."))
         if resp.status != 202:
@@ -256,8 +316,8 @@ async def _request(
         raise CannotConnect(f"cannot {action} at {url}: {_describe(exc)}") from exc
 
 
-async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: str) -> TaskEvent:
-    state = await fetch_state(session, base_url, task_id)
+async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: str, token: str | None) -> TaskEvent:
+    state = await fetch_state(session, base_url, task_id, token)
     event = TaskEvent(state["state"], state, _cursor(state.get("cursor")))
     if not event.terminal:
         # 204 means "nothing follows", yet the state says otherwise: ask again.
@@ -290,6 +350,14 @@ async def _error_message(resp: aiohttp.ClientResponse, default: str) -> str:
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         return str(body["error"])
     return default
+
+
+async def _access_refused(resp: aiohttp.ClientResponse) -> AccessRefused:
+    if resp.status == 401:
+        default = "the server asks for a token, and none it accepts was sent."
+    else:
+        default = "the token does not allow this."
+    return AccessRefused(resp.status, await _error_message(resp, default))
 
 
 def _describe(exc: BaseException) -> str:

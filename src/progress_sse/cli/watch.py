@@ -1,5 +1,8 @@
 """The client commands: `watch`, `start` and `cancel`, clients of a running
 server's HTTP API (docs/cli.md). They need no Redis settings, and log nothing.
+
+An access token (--token, else PROGRESS_SSE_TOKEN) goes in each request's
+`Authorization` header; no message of these commands ever shows it.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ if TYPE_CHECKING:
     # The client modules import aiohttp and rich: only these commands pay for that.
     import aiohttp
 
-    from .client import RetryPolicy
+    from .client import AccessRefused, RetryPolicy
 
 COMMANDS = ("watch", "start", "cancel")
 
 
 # What `watch` (and `start --watch`) exits with, by the task's terminal state.
 EXIT_SUCCESS, EXIT_FAILURE, EXIT_CANCELLED, EXIT_UNREACHABLE = 0, 1, 2, 3
+# The server refused access (401, 403): no token, a wrong or expired one, or one without
+# the scope. Not 3: getting a new token is the fix, and retrying with this one never is.
+EXIT_REFUSED = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 # 128 + SIGPIPE: what a shell reports for `yes | head -1`, a program whose reader went
 # away. Not 0: `watch` did not see how the task ended, and 0 would say it succeeded.
@@ -42,15 +48,18 @@ EXIT_STATUS = {"success": EXIT_SUCCESS, "failure": EXIT_FAILURE, "revoked": EXIT
 EXIT_HELP = (
     "exit status: 0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, "
     "3 the server cannot be reached or does not know the task (2 is also argparse's usage error), "
+    f"{EXIT_REFUSED} access refused (401 or 403: no token, a wrong or expired one, or one that does not allow this), "
     "130 interrupted by Ctrl-C (the task keeps running), 141 stdout was closed early, as by `| head -1`"
 )
 CANCEL_HELP = (
     "exit status: 0 cancelled, 1 not cancelled because the task had already ended (stderr says how), "
     "3 the server cannot be reached, does not know the task, or could not cancel it "
-    "(2 is argparse's usage error), 141 stdout was closed early"
+    f"(2 is argparse's usage error), {EXIT_REFUSED} access refused (401 or 403: no token, a wrong or expired one, "
+    "or one without cancel for this task), 141 stdout was closed early"
 )
 URL_ENV, DEFAULT_URL = "PROGRESS_SSE_URL", "http://localhost:8000"
 RETRY_ENV, DEFAULT_RETRY_FOR = "PROGRESS_SSE_RETRY_FOR", 60.0
+TOKEN_ENV = "PROGRESS_SSE_TOKEN"
 
 
 def add_parsers(sub: Any) -> None:
@@ -58,6 +67,14 @@ def add_parsers(sub: Any) -> None:
         p.add_argument(
             "--url",
             help=f"base URL of the progress-sse server (the part before /tasks) [env {URL_ENV}; default {DEFAULT_URL}]",
+        )
+        p.add_argument(
+            "--token",
+            metavar="TOKEN",
+            help="access token for a server that checks tokens, sent on every request (reconnects included) as "
+            "'Authorization: Bearer TOKEN', never in the URL, and never printed. Prefer the environment "
+            "variable: a flag's value is seen in shell history and by `ps`. An empty --token '' sends none "
+            f"[env {TOKEN_ENV}; default none]",
         )
 
     def watching(p: argparse.ArgumentParser) -> None:
@@ -97,7 +114,9 @@ def add_parsers(sub: Any) -> None:
         help="start an allow-listed task through the server and print its id",
         description="POSTs the task to <url>/tasks and prints only its id on stdout, so "
         "`id=$(progress-sse start demo.count)` works. A refused task (4xx) prints the server's reason on "
-        "stderr and exits 3, as does a server that cannot be reached.",
+        "stderr and exits 3, as does a server that cannot be reached; a refused token (401, 403) exits "
+        f"{EXIT_REFUSED}. With --watch, the watch uses the token the server sends back for the new task "
+        "if it sends one (so a token that may only start tasks is enough), else --token.",
         epilog=f"with --watch, {EXIT_HELP}",
     )
     start.add_argument("name", metavar="NAME", help="the task's name on the server's allow-list, e.g. demo.count")
@@ -179,13 +198,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         base_url = _base_url(args.url)
         # Only a watch reconnects: `cancel` reads no PROGRESS_SSE_RETRY_FOR that could stop it.
         retry_for = _retry_for(args.retry_for) if args.command != "cancel" else DEFAULT_RETRY_FOR
+        token = _token(args.token)
+        if token and (urlsplit(base_url).username or urlsplit(base_url).password):
+            raise ConfigError("a user and password in the URL and a token cannot both be sent; give one of them")
     except ConfigError as exc:
         return failed(exc, 2)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A message with characters the pipe's encoding lacks must not crash the watch.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return asyncio.run(_interruptible(_client_main(args, base_url, retry_for)))
+        return asyncio.run(_interruptible(_client_main(args, base_url, retry_for, token)))
     except KeyboardInterrupt:  # Ctrl-C before the loop took SIGINT over
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -257,12 +279,36 @@ def _retry_for(flag: str | None) -> float:
     return seconds
 
 
-async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float) -> int:
-    from .client import ClientError, Rejected, RetryPolicy, new_session, start_task
+def _token(flag: str | None) -> str | None:
+    """--token, else PROGRESS_SSE_TOKEN, else none. A bad one is named, but never shown:
+    what it holds may be a secret."""
+    from .client import is_token
+
+    name, value = ("--token", flag) if flag is not None else (TOKEN_ENV, os.environ.get(TOKEN_ENV, ""))
+    value = value.strip()
+    if not value:
+        return None
+    if not is_token(value):
+        raise ConfigError(
+            f"{name} is not valid: expected a token of visible ASCII characters, with no spaces "
+            "(its value is not shown)"
+        )
+    return value
+
+
+def _refused(exc: AccessRefused, token: str | None) -> int:
+    """A 401 or 403 ends the command: the server's sentence, and what to do when no token was sent."""
+    hint = f" No token was sent: give one with --token or {TOKEN_ENV}." if token is None else ""
+    print(f"progress-sse: {exc}{hint}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
+async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float, token: str | None) -> int:
+    from .client import AccessRefused, ClientError, Rejected, RetryPolicy, new_session, start_task
 
     async with new_session() as session:
         if args.command == "cancel":
-            return await _cancel(session, base_url, args.task_id)
+            return await _cancel(session, base_url, args.task_id, token)
         policy = RetryPolicy(give_up_after=retry_for)
         if args.command == "watch":
             return await watch(
@@ -273,20 +319,32 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
                 policy=policy,
                 cursor=args.after,
                 url_flag=args.url,
+                token=token,
             )
         try:
-            task_id = await start_task(session, base_url, args.name, args.args, dict(args.kwargs))
+            started = await start_task(session, base_url, args.name, args.args, dict(args.kwargs), token=token)
+        except AccessRefused as exc:
+            return _refused(exc, token)
         except Rejected as exc:
             print(f"progress-sse: the server refused the task (HTTP {exc.status}): {exc}", file=sys.stderr)
             return EXIT_UNREACHABLE
         except ClientError as exc:
             return failed(exc, EXIT_UNREACHABLE)
         if not args.watch:
-            print(task_id, flush=True)
+            print(started.id, flush=True)
             return EXIT_SUCCESS
         # Cursor 0: the whole log, so nothing between the POST and the stream's start is missed.
+        # The server's watch token for this task, when it sent one: the token given may
+        # only allow starting tasks.
         return await watch(
-            session, base_url, task_id, json_lines=args.json_lines, policy=policy, cursor="0", url_flag=args.url
+            session,
+            base_url,
+            started.id,
+            json_lines=args.json_lines,
+            policy=policy,
+            cursor="0",
+            url_flag=args.url,
+            token=started.token or token,
         )
 
 
@@ -299,24 +357,28 @@ async def watch(
     policy: RetryPolicy | None = None,
     cursor: str | None = None,
     url_flag: str | None = None,
+    token: str | None = None,
 ) -> int:
     """Follow the task with the renderer that suits stdout; the exit status of its end.
 
     Cancelled (by Ctrl-C: `_interruptible`), it says on stderr that the task goes on
-    and how to cancel it; `url_flag`, the --url given if any, goes into that command."""
-    from .client import ClientError, Reconnecting, follow
+    and how to cancel it; `url_flag`, the --url given if any, goes into that command
+    (the token never does)."""
+    from .client import AccessRefused, ClientError, Reconnecting, follow
     from .terminal import make_renderer
 
     renderer = make_renderer(task_id, json_lines=json_lines)
     try:
         with renderer:
-            async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy):
+            async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy, token=token):
                 if isinstance(item, Reconnecting):
                     renderer.reconnecting(item)
                     continue
                 renderer.event(item)
                 if item.terminal:
                     return EXIT_STATUS.get(item.state, EXIT_FAILURE)
+    except AccessRefused as exc:  # also a reconnect refused because the token expired mid-stream
+        return _refused(exc, token)
     except ClientError as exc:
         return failed(exc, EXIT_UNREACHABLE)
     except asyncio.CancelledError:
@@ -344,13 +406,16 @@ def _stopped_watching(task_id: str, ended_as: str | None, url_flag: str | None) 
     print(start + clean(note), file=sys.stderr, flush=True)
 
 
-async def _cancel(session: aiohttp.ClientSession, base_url: str, task_id: str) -> int:
+async def _cancel(session: aiohttp.ClientSession, base_url: str, task_id: str, token: str | None) -> int:
     """`cancel`: 0 when this cancelled the task, 1 when it had already ended, 3 when the
-    server could not be asked, does not know the task, or could not cancel it."""
-    from .client import AlreadyEnded, ClientError, cancel_task
+    server could not be asked, does not know the task, or could not cancel it, 4 when
+    it refused access."""
+    from .client import AccessRefused, AlreadyEnded, ClientError, cancel_task
 
     try:
-        state = await cancel_task(session, base_url, task_id)
+        state = await cancel_task(session, base_url, task_id, token)
+    except AccessRefused as exc:
+        return _refused(exc, token)
     except AlreadyEnded as exc:
         return failed(exc, EXIT_NOT_CANCELLED)
     except ClientError as exc:
