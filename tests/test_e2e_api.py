@@ -302,8 +302,21 @@ async def test_celery_progress_format_keeps_a_polling_front_end_working(server: 
         assert (await resp.json())["state"] == "PENDING"
 
 
-@pytest.mark.parametrize("path", ["/healthz", f"/tasks/{UNKNOWN}", f"/events?task={UNKNOWN}", "/nowhere"])
-async def test_every_response_says_nosniff(server: Server, path: str) -> None:
-    """JSON, errors and streams alike: a browser must never guess a body is HTML."""
+@pytest.mark.parametrize("path", ["/healthz", f"/tasks/{UNKNOWN}", f"/events?task={UNKNOWN}", "/nowhere", "/"])
+async def test_every_response_says_nosniff_and_stays_on_its_origin(server: Server, path: str) -> None:
+    """JSON, errors, streams and pages alike: a browser must never guess a body is
+    HTML, nor let another site's <script> or <img> load it."""
     async with server.session.get(server.url(path)) as resp:
         assert resp.headers["X-Content-Type-Options"] == "nosniff", (path, resp.status)
+        assert resp.headers["Cross-Origin-Resource-Policy"] == "same-origin", (path, resp.status)
+
+
+async def test_the_assets_may_be_imported_by_a_page_on_another_origin(server: Server) -> None:
+    """A module script from another origin is fetched with CORS, redirect included."""
+    async with server.session.get(server.url("/static/progress.js"), allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        location = resp.headers["Location"]
+    async with server.session.get(server.url(location)) as resp:
+        assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "*"
+        assert resp.headers["Cross-Origin-Resource-Policy"] == "cross-origin"

@@ -87,7 +87,7 @@ def create_app(
     pages.setup(app)
     app.cleanup_ctx.append(_redis_ctx)
     app.on_shutdown.append(_end_streams)
-    app.on_response_prepare.append(_nosniff)
+    app.on_response_prepare.append(_security_headers)
     app.on_response_prepare.append(cors.on_prepare)
     # One named resource per path: the names are what PUBLIC_ROUTES and CORS_ROUTES
     # (and url_for) refer to, whatever the method.
@@ -140,10 +140,13 @@ def _public(request: web.Request) -> bool:
     return name in PUBLIC_ROUTES
 
 
-async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     # Every response, JSON and streams included: a browser must never guess that a
-    # body holding task text is HTML or script.
+    # body holding task text is HTML or script, nor hand it to another site's
+    # <script> or <img> (CORP; reads through CORS are CORS's to allow). The static
+    # assets set their own, cross-origin, policy (web/pages.py).
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Cross-Origin-Resource-Policy", "same-origin")
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -44,6 +44,9 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 IMMUTABLE = "public, max-age=31536000, immutable"
+# The assets are public code: a page of your own on another origin imports
+# progress.js from here, and a module script is fetched with CORS.
+SHARED_ASSET = {"Access-Control-Allow-Origin": "*", "Cross-Origin-Resource-Policy": "cross-origin"}
 
 
 def asset_dir(name: str) -> Path:
@@ -237,7 +240,7 @@ async def latest_static_file(request: web.Request) -> web.Response:
     if name not in assets.files:
         raise web.HTTPNotFound(text=f"no static file {name!r}")
     location = base_path(request) + assets.url(name)
-    raise web.HTTPFound(location, headers={"Cache-Control": "no-cache"})
+    raise web.HTTPFound(location, headers={"Cache-Control": "no-cache", **SHARED_ASSET})
 
 
 async def static_file(request: web.Request) -> web.Response:
@@ -255,5 +258,9 @@ async def static_file(request: web.Request) -> web.Response:
         content_type=content_type,
         charset="utf-8",
         # An old page asking for an old version gets today's file, but must not keep it.
-        headers={"Cache-Control": IMMUTABLE if current else "no-cache", "X-Content-Type-Options": "nosniff"},
+        headers={
+            "Cache-Control": IMMUTABLE if current else "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            **SHARED_ASSET,
+        },
     )
