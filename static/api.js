@@ -2,8 +2,14 @@
 // prefix when the app is mounted inside another one ("" at the root).
 // A request the server refuses throws ApiError; one that cannot reach the server
 // throws fetch's own TypeError, so callers can word the two differently.
+//
+// A server that wants access tokens: createApi(base, { token }) sends
+// `Authorization: Bearer <token>` with every request. `token` is a string, or a
+// function called for each request that returns one (null or "" for none).
 
 const JSON_ONLY = { Accept: "application/json" };
+
+export const NEEDS_TOKEN = "This page needs a valid access token; ask for a new link.";
 
 /** The server answered, but not with what was asked for. */
 export class ApiError extends Error {
@@ -12,15 +18,39 @@ export class ApiError extends Error {
     this.status = status;
     this.reason = reason; // the server's own sentence (its `error`), or null
   }
+
+  /** 401 or 403: the request's token is missing, invalid, expired, or does not allow it. */
+  get refusedAccess() {
+    return this.status === 401 || this.status === 403;
+  }
 }
 
-export function createApi(base = "") {
+/**
+ * What to tell a person about a refused token: a 401 asks for a new link, a 403
+ * says the token does not allow this (with the server's sentence naming the
+ * scope). Null for any other error.
+ */
+export function accessProblem(error) {
+  if (!(error instanceof ApiError)) return null;
+  if (error.status === 401) return NEEDS_TOKEN;
+  if (error.status === 403) {
+    return `This page's access token does not allow that.${error.reason ? ` ${error.reason}` : ""}`;
+  }
+  return null;
+}
+
+export function createApi(base = "", { token = null } = {}) {
   const url = (path) => `${base}${path}`;
   const task = (id) => url(`/tasks/${encodeURIComponent(id)}`);
+  // Every request's headers: `extra` plus the bearer token, when there is one.
+  const headers = (extra = {}) => {
+    const current = typeof token === "function" ? token() : token;
+    return current ? { ...extra, Authorization: `Bearer ${current}` } : extra;
+  };
 
   // GET of one task or group: its body, or null when the server does not know it.
   async function describeAt(address) {
-    const response = await fetch(address, { headers: JSON_ONLY });
+    const response = await fetch(address, { headers: headers(JSON_ONLY) });
     if (response.status === 404) return null;
     if (!response.ok) throw await refusal(response);
     return response.json();
@@ -31,7 +61,7 @@ export function createApi(base = "") {
     async start(name, kwargs) {
       const response = await fetch(url("/tasks"), {
         method: "POST",
-        headers: { "Content-Type": "application/json", ...JSON_ONLY },
+        headers: headers({ "Content-Type": "application/json", ...JSON_ONLY }),
         body: JSON.stringify({ name, kwargs }),
       });
       if (response.status !== 202) throw await refusal(response);
@@ -40,7 +70,7 @@ export function createApi(base = "") {
 
     /** DELETE /tasks/<id>. */
     async cancel(taskId) {
-      const response = await fetch(task(taskId), { method: "DELETE" });
+      const response = await fetch(task(taskId), { method: "DELETE", headers: headers() });
       if (!response.ok) throw await refusal(response);
     },
 
@@ -52,30 +82,34 @@ export function createApi(base = "") {
 
     /** GET /healthz's body, whatever its status: a 503 still says how many workers. */
     async healthz() {
-      const response = await fetch(url("/healthz"), { headers: JSON_ONLY });
+      const response = await fetch(url("/healthz"), { headers: headers(JSON_ONLY) });
       return response.json();
     },
 
     /** GET /tasks?limit=: the latest tasks, newest first. */
     async recent(limit) {
-      const response = await fetch(url(`/tasks?limit=${limit}`), { headers: JSON_ONLY });
+      const response = await fetch(url(`/tasks?limit=${limit}`), { headers: headers(JSON_ONLY) });
       if (!response.ok) throw await refusal(response);
       return (await response.json()).tasks;
     },
 
     /**
      * What an id is now: { task }, { group }, null when the server no longer knows
-     * it, or { unreachable } when it cannot say (a deploy, a network blip).
+     * it, { refused: ApiError } when the token does not let it say (401, 403), or
+     * { unreachable } when it cannot say (a deploy, a network blip).
      */
     async lookup(id) {
-      try {
-        const found = await api.describe(id);
-        if (found) return { task: found };
-        const group = await api.describeGroup(id);
-        return group ? { group } : null;
-      } catch {
-        return { unreachable: true };
+      let refused = null; // a token for a group may not read it as a task, and the other way round
+      for (const [kind, describe] of [["task", api.describe], ["group", api.describeGroup]]) {
+        try {
+          const found = await describe(id);
+          if (found) return { [kind]: found };
+        } catch (error) {
+          if (!(error instanceof ApiError && error.refusedAccess)) return { unreachable: true };
+          refused ??= error;
+        }
       }
+      return refused ? { refused } : null;
     },
   };
   return api;

@@ -3,14 +3,26 @@
 // job each and nothing on import; this one starts the page (see the end). Task
 // text reaches the DOM only through textContent; the Content-Security-Policy
 // allows no inline script either way.
-import { ApiError, createApi } from "./api.js";
+//
+// Access tokens (static/tokens.js): the page's own token, from its link, goes with
+// every request and every stream; a 401 or 403 is shown as such, not as a generic
+// failure. A task started here may come with a token of its own (POST /tasks's
+// `token`). A stream carries one token, so the page keeps one Watch per token:
+// a task rides the stream of the page's token when that token lists it (or is an
+// operator's), else the stream of its own token. In open mode (no token) that is
+// one stream for everything, as before. Each task's Watch is remembered, so a
+// task stays on the stream it was added to.
+import { accessProblem, ApiError, createApi } from "./api.js";
 import { announcement, createCard, makeGroupCard, markUnknown, notice, showEvent, tick } from "./card.js";
 import { InputError, valuesOf } from "./forms.js";
 import { groupName, WatchedGroups } from "./groups.js";
 import { isTaskId, isTerminal, watch } from "./progress.js";
 import { renderRecent, showInRecent } from "./recent.js";
+import { claimsOf, covers, takePageToken, TaskTokens } from "./tokens.js";
 import { loadWatched, saveWatched } from "./watched.js";
 
+// The page shows one connection status for all its streams: the most troubled one's.
+const STATUS_RANK = ["reconnecting", "connecting", "live", "idle", "closed"];
 const STATUS_TEXT = {
   connecting: "connecting…",
   live: "live",
@@ -26,42 +38,122 @@ const template = document.getElementById("bar-template");
 const connection = document.getElementById("connection");
 const announcer = document.getElementById("announcer");
 const workerNotice = document.getElementById("worker-notice");
+const accessNotice = document.getElementById("access-notice");
 const recentBox = document.getElementById("recent"); // the demo page's only
 const single = app.dataset.task || null; // the one-task page's task
-const api = createApi(app.dataset.base ?? ""); // a prefix when mounted inside another app
+const base = app.dataset.base ?? ""; // a prefix when mounted inside another app
 const cards = new Map(); // task id (or group id) -> card
 const groups = new WatchedGroups();
 
-const stream = watch(
-  [],
-  {
-    onEvent: (event) => {
-      show(event); // its own card, if it has one
-      if (recentBox) showInRecent(recentBox, event); // a group's members are listed there too
-      const groupEvent = groups.record(event);
-      if (groupEvent) show(groupEvent);
+// ---- access tokens and streams ---------------------------------------------
+
+const pageToken = takePageToken(); // null: open mode
+const taskTokens = new TaskTokens();
+const apis = new Map(); // token ("" for none) -> api
+const streams = new Map(); // token ("" for none) -> Watch
+const statuses = new Map(); // Watch -> its status
+const watchedBy = new Map(); // task id -> the Watch it was added to
+
+function apiWith(token) {
+  const key = token ?? "";
+  if (!apis.has(key)) apis.set(key, createApi(base, { token }));
+  return apis.get(key);
+}
+
+const api = apiWith(pageToken);
+
+/** The task's own token when the page's does not cover it, or null. */
+function ownToken(taskId) {
+  const own = taskTokens.get(taskId);
+  return own && own !== pageToken && !covers(pageToken, taskId) ? own : null;
+}
+
+const tokenFor = (taskId) => ownToken(taskId) ?? pageToken;
+const apiFor = (taskId) => apiWith(tokenFor(taskId));
+
+function streamWith(token) {
+  const key = token ?? "";
+  if (streams.has(key)) return streams.get(key);
+  const stream = watch(
+    [],
+    {
+      onEvent: (event) => {
+        show(event); // its own card, if it has one
+        if (recentBox) showInRecent(recentBox, event); // a group's members are listed there too
+        const groupEvent = groups.record(event);
+        if (groupEvent) show(groupEvent);
+      },
+      onUnknown: ({ task_id }) => {
+        const card = cards.get(task_id);
+        if (card) markUnknown(card);
+      },
+      onStatus: (status) => {
+        statuses.set(stream, status);
+        showStatus();
+      },
+      onTokenError: (error) => {
+        const problem = accessProblem(error);
+        if (problem) showPageNotice(problem);
+      },
     },
-    onUnknown: ({ task_id }) => {
-      const card = cards.get(task_id);
-      if (card) markUnknown(card);
-    },
-    onStatus: (status) => {
-      connection.dataset.status = status;
-      connection.textContent = STATUS_TEXT[status] ?? status;
-    },
-  },
-  { base: app.dataset.base ?? "" },
-);
+    // The page cannot mint tokens. Its getToken asks, once per run of failed
+    // connections, whether the token is what the server refuses: an EventSource
+    // never sees the status. A 401 or 403 is then shown (onTokenError), and the
+    // stream goes on trying with backoff; anything else reopens with the same token.
+    { base, token, getToken: () => recheck(stream, token) },
+  );
+  streams.set(key, stream);
+  return stream;
+}
+
+async function recheck(stream, token) {
+  const [taskId] = stream.pending();
+  if (taskId) await apiWith(token).describe(taskId); // throws the refusal
+  return token;
+}
+
+function watchTask(taskId, seed = null) {
+  if (watchedBy.has(taskId)) return;
+  const stream = streamWith(tokenFor(taskId));
+  watchedBy.set(taskId, stream);
+  stream.add(taskId, seed);
+}
+
+function unwatchTask(taskId) {
+  watchedBy.get(taskId)?.remove(taskId);
+  watchedBy.delete(taskId);
+}
+
+function showStatus() {
+  const all = [...statuses.values()];
+  const status = STATUS_RANK.find((s) => all.includes(s)) ?? "idle";
+  connection.dataset.status = status;
+  connection.textContent = STATUS_TEXT[status] ?? status;
+}
+
+/** A sentence for the whole page: a refused token, a task that is not there. */
+function showPageNotice(text) {
+  if (!accessNotice) return;
+  accessNotice.hidden = false;
+  accessNotice.textContent = text;
+}
 
 // ---- cards -----------------------------------------------------------------
 
 function addCard(taskId, info = {}) {
   if (cards.has(taskId)) return cards.get(taskId);
   const card = createCard(template, taskId, info, {
-    base: app.dataset.base ?? "",
+    base,
     onCancel: cancel,
     onRemove: single ? null : removeCard,
   });
+  // A task watched with a token of its own: its link carries that token, since the
+  // page's token does not let anyone watch it. Only a token that may do no more than
+  // watch: a link gets copied and shared, and must not hand over the right to cancel.
+  const own = ownToken(taskId);
+  const claims = own ? claimsOf(own) : null;
+  // (Not .hash: the card is not in the document yet, so its link has no base URL.)
+  if (own && claims && !claims.cancel && !claims.operator) card.refs.link.href = `${card.refs.link.getAttribute("href")}#token=${encodeURIComponent(own)}`;
   cards.set(taskId, card);
   list.prepend(card.node); // newest first
   updateEmpty();
@@ -86,7 +178,7 @@ function learnStart(card, event) {
   if (card.startedAt != null || card.askedStart || groups.has(card.id)) return;
   if (event.state === "queued") return; // nothing to count yet
   card.askedStart = true;
-  api
+  apiFor(card.id)
     .describe(card.id)
     .then((info) => {
       if (!info) return;
@@ -103,9 +195,11 @@ function learnStart(card, event) {
 async function cancel(card) {
   card.refs.cancel.disabled = true;
   try {
-    await api.cancel(card.id);
+    await apiFor(card.id).cancel(card.id);
   } catch (error) {
-    if (error instanceof ApiError) notice(card, error.reason ?? `Cancel failed (${error.status}).`);
+    const problem = accessProblem(error);
+    if (problem) notice(card, problem);
+    else if (error instanceof ApiError) notice(card, error.reason ?? `Cancel failed (${error.status}).`);
     else notice(card, "Could not reach the server to cancel; try again.");
   } finally {
     card.refs.cancel.disabled = false;
@@ -115,10 +209,11 @@ async function cancel(card) {
 function removeCard(card) {
   cards.delete(card.id);
   card.node.remove();
-  stream.remove(card.id);
+  unwatchTask(card.id);
+  taskTokens.delete(card.id);
   if (groups.has(card.id)) {
     for (const member of groups.drop(card.id)) {
-      if (!cards.has(member)) stream.remove(member); // a member with its own card stays
+      if (!cards.has(member)) unwatchTask(member); // a member with its own card stays
     }
   }
   rememberWatched();
@@ -134,7 +229,7 @@ function updateEmpty() {
 
 function follow(taskId, info = {}) {
   addCard(taskId, info);
-  stream.add(taskId, info.state ? info : null);
+  watchTask(taskId, info.state ? info : null);
   rememberWatched();
 }
 
@@ -146,7 +241,7 @@ function followGroup(info) {
   const card = addCard(info.group_id, { ...info, task_id: info.group_id, name: groupName(info.tasks) });
   makeGroupCard(card);
   for (const id of info.members) {
-    stream.add(id);
+    watchTask(id);
     const known = cards.get(id)?.last; // a member already watched on its own
     if (known) show(groups.record(known));
   }
@@ -158,12 +253,13 @@ function rememberWatched() {
 }
 
 async function restore(ids) {
-  const found = await Promise.all(ids.map(api.lookup));
+  const found = await Promise.all(ids.map((id) => apiFor(id).lookup(id)));
   ids.forEach((id, i) => {
     const what = found[i];
     if (what?.group) followGroup(what.group);
     else if (what?.task) follow(id, what.task);
     else if (what?.unreachable) follow(id, {}); // keep it: the stream tells its state once back
+    else if (what?.refused) notice(addCard(id, {}), accessProblem(what.refused)); // kept, not streamed
   });
   rememberWatched();
 }
@@ -193,10 +289,13 @@ async function start(form) {
   try {
     body = await api.start(name, kwargs);
   } catch (error) {
-    showError(errorBox, error instanceof ApiError ? error.message : "Could not reach the server; try again.");
+    const reached = error instanceof ApiError ? error.message : "Could not reach the server; try again.";
+    showError(errorBox, accessProblem(error) ?? reached);
     return;
   }
   showWorkers(body);
+  // The server's watch token for this task: the page's own may only start tasks.
+  if (typeof body.token === "string" && body.token) taskTokens.set(body.id, body.token);
   follow(body.id, { task_id: body.id, name, state: "queued" });
   loadRecent();
 }
@@ -228,11 +327,23 @@ async function observe(form) {
     return;
   }
   try {
-    const info = await api.describe(taskId);
+    // A token for a group may not read it as a task, and the other way round.
+    let refused = null;
+    const refusable = async (describe) => {
+      try {
+        return await describe(taskId);
+      } catch (error) {
+        if (!accessProblem(error)) throw error;
+        refused ??= error;
+        return null;
+      }
+    };
+    const info = await refusable(api.describe);
     if (info === null) {
-      const group = await api.describeGroup(taskId);
+      const group = await refusable(api.describeGroup);
       if (group === null) {
-        showError(errorBox, `There is no task or group ${taskId}, or its history has expired.`);
+        const problem = accessProblem(refused);
+        showError(errorBox, problem ?? `There is no task or group ${taskId}, or its history has expired.`);
         return;
       }
       followGroup(group);
@@ -258,12 +369,19 @@ async function loadRecent() {
   let tasks;
   try {
     tasks = await api.recent(RECENT_LIMIT);
-  } catch {
-    return; // the list is a convenience; the page works without it
+  } catch (error) {
+    // The list is a convenience; the page works without it. Only an operator's
+    // token may read it: for any other, the section goes.
+    if (accessProblem(error)) recentBox.closest("section").hidden = true;
+    return;
   }
   renderRecent(recentBox, tasks, async (task) => {
-    const info = await api.describe(task.task_id);
-    if (info) follow(task.task_id, info);
+    try {
+      const info = await apiFor(task.task_id).describe(task.task_id);
+      if (info) follow(task.task_id, info);
+    } catch {
+      // nothing to watch yet; the button can be pressed again
+    }
   });
 }
 
@@ -276,9 +394,18 @@ setInterval(() => {
 checkWorkers();
 if (single) {
   if (list) {
-    api.describe(single).then((info) => {
-      if (info) follow(single, info);
-    });
+    apiFor(single)
+      .describe(single)
+      .then((info) => {
+        // A server that wants tokens serves this page for any id; the task may be gone.
+        if (info) follow(single, info);
+        else showPageNotice(`There is no task ${single}, or its history has expired.`);
+      })
+      .catch((error) => {
+        const problem = accessProblem(error);
+        if (problem) showPageNotice(problem); // no token, or not one for this task: no task data
+        else follow(single, {}); // unreachable for now: the stream tells its state once back
+      });
   }
 } else {
   for (const form of document.querySelectorAll(".start-form")) {

@@ -4,6 +4,7 @@
 //   const w = watch([taskId], { onProgress: (e) => …, onSuccess: (e) => … });
 //   w.add(otherId);  // same connection, nothing lost for the others
 //   bindProgress(document.querySelector("progress"), taskId);
+//   watch([taskId], handlers, { token, getToken });  // a server that wants tokens
 //
 // Every callback receives the event object of the protocol (task_id, name, state,
 // current, total, percent, message, ts, …), never a DOM node.
@@ -82,11 +83,28 @@ export function applyToProgress(element, event) {
  * onStarted, onProgress, onRetry, onSuccess, onFailure, onRevoked, onLost by
  * state; onUnknown({task_id}) for an id the server does not know;
  * onStatus(status) with "connecting", "live", "reconnecting", "idle" or "closed";
- * onDone() once every task has ended.
+ * onDone() once every task has ended; onTokenError(error) when `getToken` failed
+ * (threw, or gave no token; without this handler it goes to console.warn).
  *
  * Options: base (URL prefix of the API, default ""), withCredentials,
  * initialBackoff / maxBackoff (ms, default 1000 / 30000) for reconnecting after
  * an error response, which ends an EventSource for good.
+ *
+ * Access tokens, for a server that wants them:
+ * - token: the access token (a JWT string). It rides on the stream's URL as
+ *   `token=<jwt>`, since an EventSource cannot send an Authorization header.
+ * - getToken: an async function that returns a new token (from your own
+ *   backend, say). A refused token (401: missing, invalid or expired) reaches an
+ *   EventSource only as an error before it opens, and the server ends a stream
+ *   when its token expires. So whenever a connection fails without having
+ *   opened, getToken() is called once for that run of failures, and the stream
+ *   reopens at once with the new token and the cursor: nothing is lost or
+ *   repeated. If that fails as well, reconnecting backs off as usual; the next
+ *   connection that opens makes getToken eligible again. A getToken() that
+ *   throws or returns no string is reported (onTokenError, or console.warn) and
+ *   the current token is kept, with the usual backoff.
+ * Without getToken an expired token is retried with backoff until you call
+ * setToken() or close().
  */
 export class Watch {
   constructor(taskIds = [], handlers = {}, options = {}) {
@@ -96,6 +114,10 @@ export class Watch {
     this.initialBackoff = options.initialBackoff ?? 1000;
     this.maxBackoff = options.maxBackoff ?? 30000;
     this.backoff = this.initialBackoff;
+    this.token = options.token || null;
+    this.getToken = typeof options.getToken === "function" ? options.getToken : null;
+    this.renewed = false; // getToken() was called for the current run of failures
+    this.renewal = null; // the getToken() call in flight, if any
     this.tasks = new Map(); // id -> { state, lastId }
     this.cursor = null; // the highest event id seen: one cursor covers every task
     this.source = null;
@@ -124,9 +146,17 @@ export class Watch {
     if (this.tasks.delete(taskId)) this._schedule();
   }
 
+  /** Use another token from now on: the stream reopens with it, at its cursor. */
+  setToken(token) {
+    this.token = token || null;
+    this.renewal = null; // a getToken() still running must not undo this
+    this._schedule(0);
+  }
+
   /** Stop for good. */
   close() {
     this.closed = true;
+    this.renewal = null;
     clearTimeout(this.timer);
     this.source?.close();
     this.source = null;
@@ -170,19 +200,25 @@ export class Watch {
       params.set("last_event_id", String(this.cursor));
       for (const id of ids) if (!this.tasks.get(id).covered) params.append("fresh", id);
     }
+    if (this.token) params.set("token", this.token);
+    let opened = false;
     const source = new EventSource(`${this.base}/events?${params}`, { withCredentials: this.withCredentials });
     this.source = source;
     this._setStatus("connecting");
     source.onopen = () => {
+      opened = true;
       this.backoff = this.initialBackoff;
+      this.renewed = false;
       this._setStatus("live");
     };
     source.onerror = () => {
       if (source !== this.source || this.closed) return;
       // Reconnect ourselves, whatever the browser would do: an error response (a
-      // 503 during a deploy) ends an EventSource for good, and the browser's own
-      // retry would reuse this URL, whose fresh= list is out of date by now.
-      this._retry();
+      // 503 during a deploy, a 401 for an expired token) ends an EventSource for
+      // good, and the browser's own retry would reuse this URL, whose fresh= list
+      // and token are out of date by now.
+      if (!opened && this.getToken && !this.renewed) this._renew();
+      else this._retry();
     };
     for (const state of [...STATES, "unknown"]) {
       source.addEventListener(state, (message) => {
@@ -199,6 +235,37 @@ export class Watch {
     this.backoff = Math.min(this.backoff * 2, this.maxBackoff);
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this._open(), delay);
+  }
+
+  // A connection failed before opening, perhaps for its token: ask for a new one
+  // once, then reopen at once from the cursor.
+  async _renew() {
+    this.renewed = true;
+    this.source?.close();
+    this.source = null;
+    clearTimeout(this.timer);
+    this._setStatus("reconnecting");
+    const renewal = {};
+    this.renewal = renewal;
+    let token = null;
+    let failure = null;
+    try {
+      token = await this.getToken();
+    } catch (error) {
+      failure = error;
+    }
+    if (this.closed || this.renewal !== renewal) return; // closed, or setToken() since
+    this.renewal = null;
+    if (typeof token === "string" && token !== "") {
+      this.token = token;
+      clearTimeout(this.timer);
+      this._open();
+      return;
+    }
+    failure ??= new Error("getToken() returned no token");
+    if (typeof this.handlers.onTokenError === "function") this._call("onTokenError", failure);
+    else console.warn("progress-sse: getToken failed; reconnecting with the current token", failure);
+    this._retry();
   }
 
   _receive(message) {
