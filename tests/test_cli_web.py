@@ -14,6 +14,7 @@ import textwrap
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,9 +48,11 @@ def app_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def web(settings: Settings, cwd: Path, port: int, allowlist: str, host: str = "127.0.0.1") -> subprocess.Popen[str]:
+def web(
+    settings: Settings, cwd: Path, port: int, allowlist: str, host: str = "127.0.0.1", **changes: Any
+) -> subprocess.Popen[str]:
     env = {
-        **worker_env(settings.with_(queue=f"{settings.queue}-web")),
+        **worker_env(settings.with_(queue=f"{settings.queue}-web", **changes)),
         "PORT": str(port),
         "HOST": host,
         "PROGRESS_SSE_ALLOWLIST": allowlist,
@@ -131,3 +134,29 @@ def test_listening_beyond_loopback_with_no_access_control_says_so_loudly(setting
         and "NO ACCESS CONTROL" in lines[1]
         and "PROGRESS_SSE_SECRET" in lines[1]
     )
+
+
+def test_with_a_key_it_says_tokens_are_required_and_warns_of_nothing(settings: Settings, app_dir: Path) -> None:
+    """The same 0.0.0.0 as above, but with a secret: every route but /healthz and the
+    page needs a token, and the access log never shows one."""
+    from progress_sse.tokens import watch_token
+
+    secret = "the-cli-web-test-secret-long-enough-for-hs256"
+    port = free_port()
+    process = web(settings, app_dir, port, "myapp.progress:TASKS", host="0.0.0.0", secret=secret)
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert "access tokens required" in lines[1], lines
+        token = watch_token(["no-such-task"], key=secret)
+        url = f"http://127.0.0.1:{port}/tasks/no-such-task?token={token}"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            raise AssertionError(f"an unknown task answered {resp.status}")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404, "the token was taken: the task is simply not there"
+    finally:
+        process.terminate()
+        output = "".join(lines) + process.communicate(timeout=15)[0]
+    assert "NO ACCESS CONTROL" not in output
+    assert "GET /tasks/no-such-task?token=*** HTTP/1.1" in output, output
+    assert token not in output
