@@ -132,6 +132,7 @@ def test_listening_beyond_loopback_with_no_access_control_says_so_loudly(setting
         "WARNING" in lines[1]
         and "listens on http://0.0.0.0:" in lines[1]
         and "NO ACCESS CONTROL" in lines[1]
+        and "PROGRESS_SSE_ALLOWED_HOSTS" in lines[1]
         and "PROGRESS_SSE_SECRET" in lines[1]
     )
 

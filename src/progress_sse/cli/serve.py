@@ -105,8 +105,12 @@ def _web(settings: Settings) -> int:
                 "progress-sse web listens on %s with NO ACCESS CONTROL: anyone who can reach it can start and "
                 "cancel allow-listed tasks and read every task and its results. Set PROGRESS_SSE_SECRET to require "
                 "access tokens (README: Show your users their own tasks), or HOST=127.0.0.1 to keep it to this "
-                "machine.",
+                "machine.%s",
                 where,
+                ""
+                if settings.allowed_hosts
+                else " It also answers any Host header, so a web page that points its own name at this address "
+                "can read it: set PROGRESS_SSE_ALLOWED_HOSTS to the names clients reach it by.",
             )
 
     web.run_app(
