@@ -450,3 +450,23 @@ def test_the_access_log_masks_a_token_in_the_query() -> None:
         logger.removeHandler(handler)
     line = records[0].getMessage()
     assert "GET /events?task=t1&token=*** HTTP/1.1" in line and "secret" not in line
+
+
+async def test_a_groups_token_covers_the_groups_members_and_nothing_else(world: World) -> None:
+    """A page watches a group by its members (on /events): the group's token must let it."""
+    server = world.server
+    token = bearer(watch_token([], groups=[world.group], key=SECRET))
+    async with server.session.get(server.url(f"/groups/{world.group}"), headers=token) as resp:
+        members = (await resp.json())["members"]
+    query = "&".join(f"task={member}" for member in members)
+    async with server.session.get(server.url(f"/events?{query}"), headers=token) as resp:
+        assert resp.status == 200
+        frames = await SSEReader(resp).rest(timeout=30)
+    assert {f.payload["task_id"] for f in frames if f.terminal} == set(members)
+    async with server.session.get(server.url(f"/tasks/{members[0]}"), headers=token) as resp:
+        assert resp.status == 200 and (await resp.json())["group_id"] == world.group
+    async with server.session.get(server.url(f"/events?{query}&task={world.done}"), headers=token) as resp:
+        assert resp.status == 403, "a task outside the group refuses the whole stream"
+    cancel = bearer(watch_token([], groups=[world.group], cancel=True, key=SECRET))
+    async with server.session.delete(server.url(f"/tasks/{members[0]}"), headers=cancel) as resp:
+        assert resp.status == 403, "cancelling needs the task itself in the token"

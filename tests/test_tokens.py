@@ -174,3 +174,10 @@ def test_a_refusal_names_the_missing_scope_and_what_it_does_not_list() -> None:
 def test_minting_refuses_a_short_secret() -> None:
     with pytest.raises(TokenError, match="at least 32 characters"):
         watch_token(["t1"], key="short")
+
+
+def test_a_groups_token_covers_members_of_its_groups_only() -> None:
+    grant = verify(watch_token([], groups=["g1"], key=SECRET), secret=SECRET)
+    assert grant.may_watch("m1", "g1") and not grant.may_watch("m1", "g2") and not grant.may_watch("m1")
+    assert grant.refusal("tasks", ["m1", "m2"], {"m1": "g1", "m2": "g1"}) is None
+    assert "'m2'" in str(grant.refusal("tasks", ["m1", "m2"], {"m1": "g1"}))

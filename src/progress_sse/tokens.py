@@ -3,7 +3,7 @@
 A token says what its bearer may do, and until when (`exp`, required):
 
 - `tasks`: the task ids it may watch and read;
-- `groups`: the same for Celery groups;
+- `groups`: the same for Celery groups, and their members;
 - `start`: the task names it may start;
 - `cancel`: it may also cancel the tasks it may watch;
 - `operator`: everything, including the list of recent tasks and tracebacks;
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +49,9 @@ class Grant:
     operator: bool = False
     subject: str | None = None
 
-    def may_watch(self, task_id: str) -> bool:
-        return self.operator or task_id in self.tasks
+    def may_watch(self, task_id: str, group: str | None = None) -> bool:
+        """A task it lists, or a member of a group it lists (`group`: the task's)."""
+        return self.operator or task_id in self.tasks or (group is not None and group in self.groups)
 
     def may_watch_group(self, group_id: str) -> bool:
         return self.operator or group_id in self.groups
@@ -61,14 +62,20 @@ class Grant:
     def may_cancel(self, task_id: str) -> bool:
         return self.operator or (self.cancel and task_id in self.tasks)
 
-    def refusal(self, scope: str, items: Sequence[str] = ()) -> str | None:
+    def refusal(self, scope: str, items: Sequence[str] = (), groups: Mapping[str, str] | None = None) -> str | None:
         """None when this grant covers `scope` for every one of `items`; otherwise
-        the reason, naming the scope that is missing (the sentence of a 403)."""
+        the reason, naming the scope that is missing (the sentence of a 403).
+        `groups` maps tasks to their groups, for the tasks scope."""
         if self.operator:
             return None
         if scope == "operator":
             return "This needs an operator token (the operator scope)."
-        allowed = {"tasks": self.may_watch, "groups": self.may_watch_group, "start": self.may_start}
+        group_of = groups or {}
+        allowed: dict[str, Callable[[str], bool]] = {
+            "tasks": lambda task_id: self.may_watch(task_id, group_of.get(task_id)),
+            "groups": self.may_watch_group,
+            "start": self.may_start,
+        }
         if scope == "cancel":
             if not self.cancel:
                 return "This token may not cancel tasks: it has no cancel scope."

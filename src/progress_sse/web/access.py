@@ -11,8 +11,9 @@ One middleware (`guard`) runs before every handler:
    request; without a key everyone is an operator, as before tokens.
 
 What a request asks for is known only to its handler (a body's task name, a
-group's members), so handlers ask `authorize(request, scope, items)`, the one
-place a 403 comes from. Streams ask in `EventStream.opened`, where every stream and
+group's members), so handlers ask `authorize(request, scope, items)` (or, for
+tasks to watch, `authorize_watch`, which lets a group's token cover its members),
+the one place a 403 comes from. Streams ask in `EventStream.opened`, where every stream and
 every reconnect starts (web/delivery.py).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..events import Frame, for_watcher
 from ..tokens import DEFAULT_TTL, Grant, TokenError, verify, watch_token
 from .cors import Cors
 from .errors import Handler, error
+from .store import Store
 
 GRANT = web.RequestKey("grant", Grant)
 # The grant of every request when no key is set: the service is open.
@@ -119,11 +121,13 @@ def guard(access: Access, cors: Cors, is_public: Callable[[web.Request], bool]) 
     return middleware
 
 
-def authorize(request: web.Request, scope: str, items: Sequence[str] = ()) -> Grant:
+def authorize(
+    request: web.Request, scope: str, items: Sequence[str] = (), groups: Mapping[str, str] | None = None
+) -> Grant:
     """The request's grant if it covers `scope` for `items` (tokens.Grant.refusal),
     else 403 with the reason."""
     grant = request[GRANT]
-    reason = grant.refusal(scope, items)
+    reason = grant.refusal(scope, items, groups)
     if reason is not None:
         raise error(
             web.HTTPForbidden,
@@ -131,6 +135,16 @@ def authorize(request: web.Request, scope: str, items: Sequence[str] = ()) -> Gr
             headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
         )
     return grant
+
+
+async def authorize_watch(request: web.Request, store: Store, task_ids: Sequence[str]) -> Grant:
+    """`authorize(request, "tasks", task_ids)`, where a token's groups cover their
+    members too: the groups of the tasks it does not list are looked up (one round
+    trip, and only then)."""
+    grant = request[GRANT]
+    outside = [task_id for task_id in task_ids if not grant.may_watch(task_id)]
+    groups = await store.groups_of(outside) if outside and grant.groups else None
+    return authorize(request, "tasks", task_ids, groups)
 
 
 def sees_everything(request: web.Request) -> bool:

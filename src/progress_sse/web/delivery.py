@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from aiohttp import web
 
 from ..events import PING, Frame, unknown_task_frame
-from .access import GRANT, Access, authorize, frame_bytes
+from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
 from .errors import error
 from .hub import Hub, Signal, Watcher
 from .store import Store
@@ -140,7 +140,7 @@ class EventStream:
         if group is not None:
             authorize(request, "groups", [group])
         elif not callable(task_ids):
-            authorize(request, "tasks", task_ids)  # one id outside the scope refuses the whole stream
+            await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses the stream
         else:
             raise TypeError("a stream of looked-up tasks is a group's: name it")
         cursor = parse_cursor(request)

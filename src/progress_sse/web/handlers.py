@@ -18,7 +18,7 @@ from ..celery_progress import celery_progress_json
 from ..events import State
 from ..keys import is_task_id
 from . import control, groups, pages, reaper
-from .access import authorize, body_for
+from .access import authorize, authorize_watch, body_for
 from .context import ACCESS, ALLOWLIST, HUB, REDIS, STORE, STREAMS
 from .errors import error
 from .store import describe
@@ -127,7 +127,7 @@ async def task_state(request: web.Request) -> web.Response:
         known = access.keyed or (is_task_id(task_id) and await request.app[STORE].task(task_id) is not None)
         return await pages.task_page(request, task_id, known)
     task_id = _id(request)
-    authorize(request, "tasks", [task_id])
+    await authorize_watch(request, request.app[STORE], [task_id])
     state = await request.app[STORE].task(task_id)
     body = body_for(request, access, describe(state)) if state else None
     if request.query.get("format") == "celery-progress":

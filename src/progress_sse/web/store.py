@@ -57,6 +57,14 @@ class Store:
         raw = await self.client.hgetall(self.keys.state(task_id))
         return cast(dict[str, str], raw) or None
 
+    async def groups_of(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The group of each of these tasks that belongs to one."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(self.keys.state(task_id), "group")
+        found = await pipe.execute()
+        return {task_id: str(group) for task_id, group in zip(task_ids, found, strict=True) if group}
+
     async def start(self, task_ids: Sequence[str], cursor: int | None, fresh: Iterable[str] = ()) -> Start:
         """What a new stream sends first. Tasks in `fresh` start from their current
         state even when the stream resumes from a cursor (a client adding a task to
