@@ -57,7 +57,8 @@ async def test_reaper_marks_only_the_tasks_of_workers_without_a_heartbeat(
     lost = publisher.latest(gone)
     assert lost is not None
     assert (lost["state"], lost["current"], lost["total"]) == ("lost", 3, 9)
-    assert "celery@gone" in lost["message"]
+    assert lost["message"] == "The worker running it stopped answering"
+    assert lost["worker"] == "celery@gone", "which worker: in a field only operators see"
     assert publisher.state(alive) == "progress"
     assert await client.hkeys(keys.running) == [alive]
     assert await reap_once(client, keys, publisher) == []  # nothing twice
@@ -87,5 +88,6 @@ async def test_tasks_of_a_worker_killed_outright_end_as_lost(
         worker.stop()
     assert rest[-1].event == "lost"
     assert rest[-1].payload["total"] == 1000
-    assert "stopped answering" in rest[-1].payload["message"]
+    assert rest[-1].payload["message"] == "The worker running it stopped answering"
+    assert rest[-1].payload["worker"].startswith(worker.name), "which worker: a field of its own, for operators"
     assert (await server.state(task_id))["state"] == "lost"

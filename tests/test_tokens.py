@@ -181,3 +181,22 @@ def test_a_groups_token_covers_members_of_its_groups_only() -> None:
     assert grant.may_watch("m1", "g1") and not grant.may_watch("m1", "g2") and not grant.may_watch("m1")
     assert grant.refusal("tasks", ["m1", "m2"], {"m1": "g1", "m2": "g1"}) is None
     assert "'m2'" in str(grant.refusal("tasks", ["m1", "m2"], {"m1": "g1"}))
+
+
+def test_each_public_key_checks_its_own_algorithm_only() -> None:
+    """An ES256 token for a server holding an RSA key is refused as such (a
+    TokenError, so a 401), not an error of the library (a 500)."""
+    rsa_private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_token = watch_token(["t1"], key=ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+    with pytest.raises(TokenError, match="accepts tokens signed with RS256, not 'ES256'"):
+        verify(ec_token, public_key=pem(rsa_private.public_key()))
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    with pytest.raises(TokenError, match="P-256 curve, not secp384r1"):  # ES256 is P-256's alone
+        verify(ec_token, public_key=pem(p384.public_key()))
+
+
+def test_minting_refuses_one_string_for_a_list() -> None:
+    with pytest.raises(TypeError, match=r"write \['0b5c'\]"):
+        watch_token("0b5c", key=SECRET)
+    with pytest.raises(TypeError, match="names must be a list"):
+        start_token("demo.count", key=SECRET)

@@ -207,17 +207,10 @@ _import_path = _matching(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", "package.module:ATTRIB
 _key_prefix = _matching(r"[A-Za-z0-9_.:-]{1,64}", "1 to 64 letters, digits or _ . : -")
 
 
-MIN_SECRET_LENGTH = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+def _secret(raw: str) -> str:
+    from .tokens import check_secret  # here: tokens (PyJWT, cryptography) is for the processes that use it
 
-
-def check_secret(raw: str) -> str:
-    """An HS256 secret, or ValueError saying how to make one."""
-    if len(raw) < MIN_SECRET_LENGTH:
-        raise ValueError(
-            f"expected at least {MIN_SECRET_LENGTH} characters (got {len(raw)}); make one with "
-            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        )
-    return raw
+    return check_secret(raw)
 
 
 def _public_key(raw: str) -> str:
@@ -228,15 +221,12 @@ def _public_key(raw: str) -> str:
             text = Path(raw).read_text()
         except OSError as exc:
             raise ValueError(f"expected a PEM public key or the path of a file holding one ({exc.strerror})") from None
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from .tokens import TokenError, key_algorithm, load_public_key  # here, as in _secret
 
     try:
-        key = load_pem_public_key(text.encode())
-    except ValueError:
-        raise ValueError("expected a PEM public key (-----BEGIN PUBLIC KEY-----), not a private key") from None
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ValueError("expected an RSA key (RS256) or an EC P-256 key (ES256)")
+        key_algorithm(load_public_key(text))
+    except TokenError as exc:
+        raise ValueError(str(exc).rstrip(".")) from None
     return text
 
 
@@ -344,7 +334,7 @@ TABLE: tuple[Setting, ...] = (
     Setting(
         "secret",
         "PROGRESS_SSE_SECRET",
-        check_secret,
+        _secret,
         "HS256 key for access tokens (at least 32 characters); set, every route needs a token",
         default_text="none: the service is open",
         sensitive=True,

@@ -73,6 +73,8 @@ def make_event(
 
 # What only an operator sees of a task: where it ran, and a failure's traceback.
 OPERATOR_ONLY = ("worker", "worker_pid", "pid")
+# The keys for_watcher looks at, as they appear in an event's JSON.
+_WATCHER_HIDES = tuple(f'"{key}"' for key in (*OPERATOR_ONLY, "error"))
 
 
 def for_watcher(body: dict[str, Any], *, messages: bool = True) -> dict[str, Any]:
@@ -166,9 +168,10 @@ class Frame:
         object.__setattr__(self, "encoded", encode_sse(id=str(self.seq), event=self.state, data=self.data))
 
     def encoded_for_watcher(self, *, messages: bool) -> bytes:
-        """`encoded`, as a watcher may see it (for_watcher): only failures and
-        retries carry an error, so every other frame is its one encoding."""
-        if self.state not in (State.FAILURE, State.RETRY):
+        """`encoded`, as a watcher may see it (for_watcher). A frame whose JSON names
+        none of the fields for_watcher changes is its one encoding (the test is on
+        the text: a false alarm only costs a parse)."""
+        if not any(name in self.data for name in _WATCHER_HIDES):
             return self.encoded
         cached = self._watcher_encoded.get(messages)
         if cached is None:

@@ -17,6 +17,7 @@ imports no aiohttp, so a process that only publishes tasks can use it.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,10 +25,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-
-from .config import check_secret
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 SECRET_ENV = "PROGRESS_SSE_SECRET"
+MIN_SECRET_LENGTH = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
+
+
+def check_secret(raw: str) -> str:
+    """An HS256 secret, or ValueError saying how to make one."""
+    if len(raw) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"expected at least {MIN_SECRET_LENGTH} characters (got {len(raw)}); make one with "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return raw
+
+
 DEFAULT_TTL = 3600  # seconds: a long job's page stays open that long without renewing
 ASYMMETRIC = ("RS256", "ES256")
 
@@ -100,6 +114,8 @@ def watch_token(
     algorithm: str = "HS256",
 ) -> str:
     """A token to watch (and, with `cancel`, cancel) these tasks and groups."""
+    _not_one_string(task_ids, "task_ids")
+    _not_one_string(groups, "groups")
     claims = {"tasks": sorted(set(task_ids)), "groups": sorted(set(groups)), "cancel": cancel}
     return _mint(claims, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
 
@@ -114,6 +130,7 @@ def start_token(
 ) -> str:
     """A token to start these allow-listed tasks (the service answers with a watch
     token for each task it starts)."""
+    _not_one_string(names, "names")
     return _mint({"start": sorted(set(names))}, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
 
 
@@ -126,33 +143,75 @@ def operator_token(
 
 def verify(token: str, *, secret: str | None = None, public_key: Any = None) -> Grant:
     """The grant of a token signed with `secret` (HS256) or the private half of
-    `public_key` (RS256/ES256); raises TokenError saying why not.
+    `public_key` (RS256 for an RSA key, ES256 for an EC P-256 one); raises
+    TokenError saying why not.
 
-    Each configured key admits only its own algorithms, whatever the token's header
+    Each configured key admits only its own algorithm, whatever the token's header
     claims: the header merely picks which of the configured keys to try. So a token
     cannot choose `none`, nor pass as HS256 signed with the (public) RSA key."""
-    if not secret and public_key is None:
+    keys: dict[str, Any] = {}
+    if secret:
+        keys["HS256"] = secret
+    if public_key is not None:
+        loaded = load_public_key(public_key)
+        keys[key_algorithm(loaded)] = loaded
+    if not keys:
         raise TokenError("This server has no key to check tokens with.")
     try:
         algorithm = jwt.get_unverified_header(token).get("alg")
-    except jwt.InvalidTokenError:
+    except jwt.PyJWTError:
         raise TokenError("The token is malformed: expected a JWT (three base64url parts joined by dots).") from None
-    if algorithm == "HS256" and secret:
-        key: Any = secret
-    elif algorithm in ASYMMETRIC and public_key is not None:
-        key = public_key
-    else:
-        accepted = " or ".join(([*ASYMMETRIC] if public_key is not None else []) + (["HS256"] if secret else []))
-        raise TokenError(f"This server accepts tokens signed with {accepted}, not {algorithm!r}.")
+    if algorithm not in keys:
+        raise TokenError(f"This server accepts tokens signed with {' or '.join(keys)}, not {algorithm!r}.")
     try:
-        claims = jwt.decode(token, key, algorithms=[algorithm], options={"require": ["exp"]})
+        claims = jwt.decode(token, keys[algorithm], algorithms=[algorithm], options={"require": ["exp"]})
     except jwt.ExpiredSignatureError:
         raise TokenError("The token has expired; get a new one.") from None
     except jwt.MissingRequiredClaimError:
         raise TokenError("The token has no expiry (exp); tokens must expire.") from None
-    except jwt.InvalidTokenError:
+    except jwt.PyJWTError:
         raise TokenError("The token is not valid here (malformed, or not signed with this server's key).") from None
     return _grant(claims)
+
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+@functools.lru_cache(maxsize=8)
+def _load_pem(pem: bytes) -> PublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise TokenError("The public key must be an RSA key (RS256) or an EC P-256 key (ES256).")
+    return key
+
+
+def load_public_key(key: Any) -> PublicKey:
+    """An RSA or EC public key, from itself or its PEM (parsed once per PEM)."""
+    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        return key
+    try:
+        return _load_pem(key.encode() if isinstance(key, str) else bytes(key))
+    except ValueError:
+        raise TokenError(
+            "The public key is not a PEM public key (-----BEGIN PUBLIC KEY-----; the private key stays with "
+            "the app that signs)."
+        ) from None
+
+
+def key_algorithm(key: PublicKey) -> str:
+    """The one algorithm a public key checks: RS256 for RSA, ES256 for EC P-256."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256"
+    if isinstance(key.curve, ec.SECP256R1):
+        return "ES256"
+    raise TokenError(f"An EC key for ES256 must be on the P-256 curve, not {key.curve.name}.")
+
+
+def _not_one_string(values: Iterable[str], name: str) -> None:
+    # A string is an iterable of its characters: watch_token("0b5c…") would mint a
+    # token for single letters and digits, and watch nothing.
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, not one string: write [{values!r}].")
 
 
 def _mint(claims: dict[str, Any], *, ttl: float, subject: str | None, key: Any, algorithm: str) -> str:

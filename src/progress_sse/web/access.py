@@ -39,7 +39,7 @@ GRANT = web.RequestKey("grant", Grant)
 EVERYTHING = Grant(expires=math.inf, operator=True)
 # Names a request on loopback may give as its Host when no list is set (as Django's
 # development default does): a page that rebinds its own name to 127.0.0.1 cannot.
-LOOPBACK_NAMES = frozenset({"localhost", ".localhost"})
+LOOPBACK_NAMES = frozenset({"localhost"})
 REALM = 'Bearer realm="progress-sse"'
 
 
@@ -52,17 +52,22 @@ class Access:
     # With no list set, a service listening on loopback answers to loopback names.
     loopback_only: bool = False
     watcher_messages: bool = True
+    # Settings.keyed: every route but the public ones needs a token.
+    keyed: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Access:
         listed = settings.allowed_hosts
         hosts = None if listed is None or "*" in listed else frozenset(listed)
         loopback_only = listed is None and is_loopback(settings.host)
-        return cls(settings.secret, settings.public_key, hosts, loopback_only, settings.watcher_errors == "message")
-
-    @property
-    def keyed(self) -> bool:
-        return bool(self.secret or self.public_key)
+        return cls(
+            settings.secret,
+            settings.public_key,
+            hosts,
+            loopback_only,
+            settings.watcher_errors == "message",
+            keyed=settings.keyed,
+        )
 
     def host_allowed(self, host: str) -> bool:
         name = _hostname(host)
@@ -92,7 +97,7 @@ class Access:
         """A token to watch a task the bearer of `grant` just started (and cancel it,
         if the grant may cancel): minted only with a secret, since a service that
         holds just the public key cannot sign."""
-        if not (self.keyed and self.secret):
+        if not self.secret:
             return None
         cancel = grant.cancel or grant.operator
         return watch_token([task_id], ttl=DEFAULT_TTL, cancel=cancel, subject=grant.subject, key=self.secret)
@@ -171,10 +176,12 @@ def _as_stored(frame: Frame) -> bytes:
 
 
 def _token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, value = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
+    """The Bearer token of the Authorization header, else `?token=`. Another kind of
+    Authorization (a proxy's Basic credentials, which browsers re-send on their own,
+    EventSource requests included) is not ours: the query's token still counts."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer":
+        if not value.strip():
             raise _unauthorized("The Authorization header must be: Bearer <token>.", "invalid_request")
         return value.strip()
     return request.query.get("token") or None
@@ -189,12 +196,14 @@ def _hostname(host: str) -> str:
     """The name of a Host header, without its port: "[::1]:8000" is "[::1]"."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
+        name, _, rest = host.partition("]")
+        # Only a port may follow the brackets: anything else names no host we know.
+        return f"{name}]" if rest == "" or (rest.startswith(":") and rest[1:].isdigit()) else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def _is_loopback_name(name: str) -> bool:
-    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):  # RFC 6761: *.localhost is loopback
         return True
     try:
         return ipaddress.ip_address(name.strip("[]")).is_loopback

@@ -103,6 +103,8 @@ def create_app(
     for (path, name), methods in routes.items():
         resource = app.router.add_resource(path, name=name)
         for method, handler in methods.items():
+            if method == "GET":  # as aiohttp's add_get: HEAD too, with GET's headers
+                resource.add_route("HEAD", handler)
             resource.add_route(method, handler)
     return app
 

@@ -62,7 +62,8 @@ async def start_task(request: web.Request) -> web.Response:
         )
     name = data.get("name")
     # Before the allow-list is consulted: a token's refusal says nothing about it.
-    grant = authorize(request, "start", [str(name)])
+    # (A name that is not a string names nothing to refuse: the allow-list says so.)
+    grant = authorize(request, "start", [name] if isinstance(name, str) else [])
     try:
         kwargs = request.app[ALLOWLIST].check(name, data.get("args", []), data.get("kwargs", {}))
     except ParamError as exc:

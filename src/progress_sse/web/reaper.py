@@ -67,7 +67,8 @@ async def live_workers(client: aioredis.Redis, keys: Keys) -> int:
 
 def _mark_lost(publisher: Publisher, task_id: str, host: str) -> None:
     # Refused, harmlessly, if it ended meanwhile (or another web process was first).
-    publisher.finish(task_id, None, State.LOST, message=f"The worker running it ({host}) stopped answering")
+    # Which worker goes in its own field, which only operators see (events.for_watcher).
+    publisher.finish(task_id, None, State.LOST, message="The worker running it stopped answering", worker=host)
 
 
 async def run(client: aioredis.Redis, keys: Keys, publisher: Publisher, ttl: int) -> None:

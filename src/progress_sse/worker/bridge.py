@@ -310,13 +310,13 @@ def _on_unknown(sender: Any = None, name: str | None = None, id: str | None = No
     if _publisher is None or not id or not _tracked(name):
         return
     # The worker's name goes in its own field, which only operators see.
-    host = getattr(sender, "hostname", None) or ""  # sender: the worker's Consumer
+    host = getattr(sender, "hostname", None)  # sender: the worker's Consumer
     message = (
         f"A worker does not know the task {name!r} and dropped it: register it in the worker's app, "
         "or start the worker that has it on this queue"
     )
     error = {"type": "NotRegistered", "message": message, "traceback": ""}
-    _finish(str(id), name, State.FAILURE, message=message, error=error, worker=host)
+    _finish(str(id), name, State.FAILURE, message=message, error=error, **({"worker": host} if host else {}))
 
 
 def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
