@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -144,3 +145,18 @@ async def open_browser(shots: Path, name: str) -> AsyncIterator[Page]:
             yield wrapped
         finally:
             await browser.close()
+
+
+@contextlib.asynccontextmanager
+async def page_for_test(test_name: str, output_dir: Path, *init_scripts: str) -> AsyncIterator[Page]:
+    """The page of one browser test (screenshots named after it), and afterwards the
+    check every page passes: no CSP violation, no script error, no alert from task text."""
+    shots = output_dir / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test_name)
+    async with open_browser(shots, name) as browser_page:
+        for script in init_scripts:
+            await browser_page.page.context.add_init_script(script)
+        yield browser_page
+    assert browser_page.unexpected_errors() == [], browser_page.errors
+    assert browser_page.dialogs == []

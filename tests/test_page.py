@@ -30,7 +30,7 @@ from progress_sse.keys import Keys
 from progress_sse.web import HUB
 from progress_sse.worker.publisher import Publisher
 
-from .browser import Page, open_browser
+from .browser import Page, page_for_test
 from .conftest import Server, Worker, wait_until, worker_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.usefixtures("worker")]
@@ -38,14 +38,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.usefixtures("wor
 
 @pytest.fixture
 async def page(request: pytest.FixtureRequest, output_dir: Path) -> AsyncIterator[Page]:
-    shots = output_dir / "screenshots"
-    shots.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    async with open_browser(shots, name) as browser_page:
+    async with page_for_test(request.node.name, output_dir) as browser_page:
         yield browser_page
-    # No CSP violation, no script error, no alert from task text: on every page.
-    assert browser_page.unexpected_errors() == [], browser_page.errors
-    assert browser_page.dialogs == []
 
 
 async def start_from_form(page: Page, name: str, **values: Any) -> str:

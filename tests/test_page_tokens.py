@@ -7,7 +7,6 @@ expects, with a deadline.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from progress_sse.config import Settings
 from progress_sse.tokens import operator_token, start_token, watch_token
 from progress_sse.web.pages import ASSETS
 
-from .browser import Page, open_browser
+from .browser import Page, page_for_test
 from .conftest import Server
 from .sse import SSEReader
 
@@ -49,14 +48,8 @@ window.EventSource = class extends StreamBefore {
 
 @pytest.fixture
 async def page(request: pytest.FixtureRequest, output_dir: Path) -> AsyncIterator[Page]:
-    shots = output_dir / "screenshots"
-    shots.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    async with open_browser(shots, name) as browser_page:
-        await browser_page.page.context.add_init_script(FRAMES)
+    async with page_for_test(request.node.name, output_dir, FRAMES) as browser_page:
         yield browser_page
-    assert browser_page.unexpected_errors() == [], browser_page.errors
-    assert browser_page.dialogs == []
 
 
 @pytest.fixture

@@ -1,19 +1,8 @@
 """The README's "Your own Celery app in five minutes", run as written.
 
 The test reads that section from README.md and does what a reader does, in the
-section's order, in an empty directory:
-
-- a ```python block whose first line is `# <path>`, or an ```html block whose first
-  line is `<!-- <path> -->`, is written to that path;
-- each `$ ` line of a ```console block (with its `\\` continuation lines) is run
-  with bash, from that directory. The lines shown under a command must appear in
-  what it prints, in order: `…` stands for anything, and a UUID for any UUID.
-- A command marked `# terminal N: keep it running` runs in the background, as in a
-  terminal of its own, until the end. Starting one in a terminal whose command
-  still runs first stops that one with Ctrl-C (SIGINT to its process group), as the
-  section tells the reader to. The other commands run one after another in one
-  emulated shell session: a variable a command assigns (`id=$(...)`) is set for
-  the commands after it.
+section's order, in an empty directory, with the machinery of tests/readme_run.py
+(which says how files and commands are taken from the section).
 
 What is substituted, mechanically, and nothing else:
 
