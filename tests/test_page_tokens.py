@@ -267,3 +267,22 @@ async def test_a_failing_get_token_is_reported_and_set_token_resumes(keyed: Serv
     # One call for the run of failures: the refusals that followed it backed off instead.
     assert await page.page.evaluate("() => window.renewals") == 1
     assert await page.page.evaluate("() => window.tokenErrors.length") == 1
+
+
+async def test_with_an_operator_token_the_page_works_as_without_tokens(keyed: Server, page: Page) -> None:
+    """The recent list, a start from a form and a cancel, all with the operator's token."""
+    earlier = await start(keyed, "demo.count", n=2, delay=0.05)
+    token = operator_token(ttl=600, key=SECRET)
+    await page.page.goto(keyed.url(f"/#token={token}"))
+    await page.page.locator(f'#recent li[data-task-id="{earlier}"]').wait_for()
+    form = page.page.locator('form[data-task-name="demo.count"]')
+    await form.locator('input[name="n"]').fill("500")
+    await form.locator('input[name="delay"]').fill("0.1")
+    async with page.page.expect_response(lambda r: r.url.endswith("/tasks") and r.request.method == "POST") as info:
+        await form.get_by_role("button", name="Start").click()
+    task_id = (await (await info.value).json())["id"]
+    await page.wait_state(task_id, "progress")
+    await page.card(task_id).get_by_role("button", name="Cancel").click()
+    await page.wait_state(task_id, "revoked")
+    await page.page.locator(f'#recent li[data-task-id="{task_id}"] .badge', has_text="cancelled").wait_for()
+    assert await page.page.locator("#access-notice").is_hidden()
