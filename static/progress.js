@@ -24,6 +24,8 @@ const HANDLER_FOR = {
 // The server's rule for task ids (src/progress_sse/keys.py).
 const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}$/;
 const MAX_TASKS_PER_STREAM = 100;
+// A connection open this long (ms) counts as healthy even without an event.
+const HEALTHY_AFTER = 5000;
 
 export function isTerminal(state) {
   return TERMINAL_STATES.includes(state);
@@ -88,7 +90,11 @@ export function applyToProgress(element, event) {
  *
  * Options: base (URL prefix of the API, default ""), withCredentials,
  * initialBackoff / maxBackoff (ms, default 1000 / 30000) for reconnecting after
- * an error response, which ends an EventSource for good.
+ * an error response, which ends an EventSource for good. Each delay is the backoff
+ * times a random 0.5 to 1.5, so clients a deploy disconnected together come back
+ * spread out. The backoff starts over only once a connection proved healthy (an
+ * event came, or it stayed open HEALTHY_AFTER ms): a server that answers "retry
+ * later" (a 200 that ends at once) is not hammered.
  *
  * Access tokens, for a server that wants them:
  * - token: the access token (a JWT string). It rides on the stream's URL as
@@ -205,14 +211,16 @@ export class Watch {
     const source = new EventSource(`${this.base}/events?${params}`, { withCredentials: this.withCredentials });
     this.source = source;
     this._setStatus("connecting");
+    let openedAt = null;
     source.onopen = () => {
       opened = true;
-      this.backoff = this.initialBackoff;
+      openedAt = Date.now();
       this.renewed = false;
       this._setStatus("live");
     };
     source.onerror = () => {
       if (source !== this.source || this.closed) return;
+      if (openedAt != null && Date.now() - openedAt >= HEALTHY_AFTER) this.backoff = this.initialBackoff;
       // Reconnect ourselves, whatever the browser would do: an error response (a
       // 503 during a deploy, a 401 for an expired token) ends an EventSource for
       // good, and the browser's own retry would reuse this URL, whose fresh= list
@@ -231,7 +239,7 @@ export class Watch {
     this.source?.close();
     this.source = null;
     this._setStatus("reconnecting");
-    const delay = this.backoff * (0.8 + Math.random() * 0.4);
+    const delay = this.backoff * (0.5 + Math.random());
     this.backoff = Math.min(this.backoff * 2, this.maxBackoff);
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this._open(), delay);
@@ -269,6 +277,7 @@ export class Watch {
   }
 
   _receive(message) {
+    this.backoff = this.initialBackoff; // a healthy connection: the next failure starts over
     const event = JSON.parse(message.data);
     const task = this.tasks.get(event.task_id);
     if (!task) return;

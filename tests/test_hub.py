@@ -384,10 +384,12 @@ async def test_a_watcher_arriving_during_a_reconnect_waits_for_the_new_subscript
             assert isinstance(item, Frame) and item.seq == sent.seq, item
 
 
-async def test_an_overflowing_inbox_becomes_a_resync_instead_of_a_backlog(
+async def test_a_slow_watchers_inbox_stays_within_its_bytes(
     make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
 ) -> None:
-    h = await make_hub(buffer=5)
+    """20 frames of about 200 bytes each into an inbox of 1,000: the progress frames
+    collapse toward the latest, the state change stays, nobody else waits."""
+    h = await make_hub(buffer=1000)
     slow_task, other_task = new_task(), new_task()
     async with h.hub.watch([slow_task]) as slow, h.hub.watch([other_task]) as other:
         sent = [publish(publisher, slow_task, "queued")]
@@ -396,16 +398,57 @@ async def test_an_overflowing_inbox_becomes_a_resync_instead_of_a_backlog(
         # Pub/sub keeps publish order on the one connection: once the marker is here,
         # all 20 frames of the slow task were delivered to its inbox.
         await expect_frame(other, marker)  # the slow watcher holds no one else up
-
+        assert slow.backlog <= 1000
         items = await drain(slow)
-    assert items, "the slow watcher's inbox was empty"
-    assert items[0] is Signal.RESYNC
-    assert len(items) <= 5, f"the inbox held {len(items)} items with buffer=5"
     frames = [i for i in items if isinstance(i, Frame)]
-    assert len(frames) == len(items) - 1
-    seqs = [f.seq for f in frames]
-    assert seqs == sorted(seqs)
-    assert set(seqs) <= {s.seq for s in sent}
+    assert Signal.RESYNC not in items and len(frames) < len(sent)
+    assert (frames[0].seq, frames[0].state) == (sent[0].seq, "queued"), "the state change stays"
+    assert frames[-1].seq == sent[-1].seq, "and so does the latest progress"
+    assert [f.seq for f in frames] == sorted(f.seq for f in frames)
+
+
+def frame(task_id: str, seq: int, state: str, size: int = 100) -> Frame:
+    return Frame(task_id, seq, state, "x" * size)
+
+
+def test_progress_collapses_to_each_tasks_latest_and_state_changes_stay_in_order() -> None:
+    watcher = Watcher(["a", "b"], limit=1000)
+    sent = [
+        frame("a", 1, "started"),
+        frame("a", 2, "progress"),
+        frame("b", 3, "progress"),
+        frame("a", 4, "progress"),
+        frame("b", 5, "retry"),
+        frame("a", 6, "progress"),
+        frame("b", 7, "progress"),
+        frame("a", 8, "progress"),  # about 130 bytes a frame: over the bound here, once
+        frame("b", 9, "progress"),
+        frame("a", 10, "progress"),
+    ]
+    for item in sent:
+        watcher.deliver(item)
+    assert watcher.backlog <= 1000
+    kept = watcher.pending()
+    # At a:8 each task's waiting progress collapsed to its latest (b:7, a:8); b:9 and
+    # a:10 came after, within the bound.
+    assert [(f.task_id, f.seq) for f in kept if isinstance(f, Frame)] == [
+        ("a", 1),
+        ("b", 5),
+        ("b", 7),
+        ("a", 8),
+        ("b", 9),
+        ("a", 10),
+    ]
+
+
+def test_state_changes_alone_over_the_bound_become_one_resync() -> None:
+    watcher = Watcher(["a", "b", "c"], limit=300)  # about 130 bytes a frame
+    for seq, (task_id, state) in enumerate([("a", "queued"), ("b", "queued"), ("c", "queued")], start=1):
+        watcher.deliver(frame(task_id, seq, state))
+    assert watcher.pending() == [Signal.RESYNC], "the log is the buffer of last resort"
+    assert watcher.backlog == 0
+    watcher.deliver(frame("a", 4, "success"))
+    assert [f.seq for f in watcher.pending() if isinstance(f, Frame)] == [4], "and it goes on after"
 
 
 async def test_close_watchers_sends_close_and_marks_them_closed(
@@ -479,7 +522,7 @@ async def test_a_malformed_message_is_dropped_and_the_hub_keeps_serving(
 async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> None:
     """While the subscription is restored a watcher holds live frames, then gets
     RESYNC (read the log) before them: a frame may not overtake what was missed."""
-    watcher = Watcher(["t"], limit=10)
+    watcher = Watcher(["t"], limit=10_000)
     watcher.hold()
     late = Frame("t", 91, "progress", "{}")
     watcher.deliver(late)

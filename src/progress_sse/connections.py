@@ -29,15 +29,26 @@ def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
     )
 
 
+# The web's reads share this many connections. A call finding them all busy (a
+# thousand streams reopening after a deploy) waits for one, up to WEB_POOL_WAIT
+# seconds, instead of failing at once as redis-py's default pool does: each read is
+# a single round trip, so the queue moves fast.
+WEB_POOL_SIZE = 32
+WEB_POOL_WAIT = 10.0
+
+
 def web_client(settings: Settings) -> aioredis.Redis:
     """The web process's reads and control calls: a short retry rides out a blip."""
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=WEB_POOL_SIZE,
+        timeout=WEB_POOL_WAIT,
         decode_responses=True,
         socket_connect_timeout=2.0,
         retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         client_name="progress-sse-web",
     )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 def hub_client(settings: Settings) -> aioredis.Redis:

@@ -20,17 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from ..events import PING, Frame, unknown_task_frame
 from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
 from .errors import error
-from .hub import Hub, Signal, Watcher
-from .store import Store
+from .hub import Hub, HubUnavailable, Signal, Watcher
+from .incidents import Incidents
+from .store import Start, Store
+
+log = logging.getLogger(__name__)
+
+# A stream that cannot be served now (Redis down, the process at its stream limit)
+# answers 200 with only `retry: <ms>` and ends: EventSource treats any error status
+# as final, but comes back after an ended 200. The delay is spread at random so the
+# clients a failure sent away do not return at the same instant.
+RETRY_LATER_MS = (1_000, 5_000)
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -53,6 +67,10 @@ def parse_cursor(request: web.Request) -> int | None:
     return int(raw)
 
 
+class ClientStalled(Exception):
+    """The client accepted no bytes for the write timeout: it was disconnected."""
+
+
 class Live:
     """The live part of every stream, one task, many or a group: wait, ping, batch,
     resync, close and drop what the stream already has. Each exists only here.
@@ -64,26 +82,39 @@ class Live:
     the watcher (shutdown), or when the token the stream was opened with expires
     (`expires`, a Unix time): the client's reconnect then needs a new one. The
     caller stops it when it has what it needs.
+
+    A write the client does not take within `write_timeout` seconds (it stopped
+    reading, and the socket's buffers are full) aborts the connection and raises
+    ClientStalled: its watcher and subscription are released at once.
     """
 
     def __init__(
         self,
+        request: web.Request,
         response: web.StreamResponse,
         watcher: Watcher,
         store: Store,
         *,
         heartbeat: float,
+        write_timeout: float = 30.0,
         expires: float = math.inf,
         encode: Callable[[Frame], bytes] = lambda frame: frame.encoded,
     ) -> None:
-        self.response, self.watcher, self.store, self.heartbeat = response, watcher, store, heartbeat
-        self.encode = encode
+        self.request, self.response, self.watcher, self.store = request, response, watcher, store
+        self.heartbeat, self.write_timeout, self.encode = heartbeat, write_timeout, encode
         self._clock = asyncio.get_running_loop().time
         self._last_write = self._clock()
         self._deadline = self._clock() + (expires - time.time())  # on the loop's clock
 
     async def write(self, data: bytes) -> None:
-        await self.response.write(data)
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await self.response.write(data)
+        except TimeoutError:
+            transport = self.request.transport
+            if transport is not None:
+                transport.abort()
+            raise ClientStalled(f"no bytes accepted for {self.write_timeout:g}s") from None
         self._last_write = self._clock()
 
     async def send(self, frames: Iterable[Frame], before: bytes = b"") -> None:
@@ -116,12 +147,99 @@ class Live:
                 yield batch
 
 
+@dataclass
+class Opened:
+    """A stream that passed its checks and is subscribed: see EventStream.opened."""
+
+    request: web.Request
+    streams: EventStream
+    watcher: Watcher
+    ids: list[str]
+    cursor: int | None
+    response: web.StreamResponse | None = field(default=None, init=False)
+
+    async def start(self, fresh: Iterable[str] = (), *, resume: bool = True) -> Start:
+        """Where each task stands for this stream (store.start, from the client's
+        cursor unless not `resume`), shared with the other streams opening on the
+        same tasks from the same cursor."""
+        cursor = self.cursor if resume else None
+        return await self.streams.reads.start(self.ids, cursor, fresh, not_before=self.watcher.confirmed)
+
+    async def begin(self) -> Live:
+        """Send the response's headers: from here on the stream is the client's."""
+        self.response = web.StreamResponse(headers=SSE_HEADERS)
+        await self.response.prepare(self.request)
+        return self.streams.live(self.request, self.response, self.watcher)
+
+    async def end(self) -> web.StreamResponse:
+        assert self.response is not None
+        await self.response.write_eof()
+        return self.response
+
+    def gone(self) -> web.StreamResponse:
+        """The answer of a stream whose client `opened` let go (ClientStalled): the
+        response as it was, on a connection already closed."""
+        assert self.response is not None, "only a stream that began can stall"
+        return self.response
+
+
+class SharedReads:
+    """Streams opening at once on the same tasks from the same cursor (a reconnect
+    storm after a deploy) share one `store.start` read instead of queueing a read
+    each for Redis connections.
+
+    Sharing must not cost a gap. A stream may use a read only if the read was
+    issued after every one of its channels was confirmed subscribed, the order
+    web/hub.py's `watch` guarantees for a read of its own: so it joins a read only
+    when the hub's generation at the read's start is at least its watcher's
+    `confirmed`."""
+
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self.store, self.hub = store, hub
+        self._inflight: dict[tuple[Any, ...], tuple[int, asyncio.Task[Start]]] = {}
+        self.shared = 0  # reads saved (tests and benchmarks read it)
+
+    async def start(self, ids: Sequence[str], cursor: int | None, fresh: Iterable[str], *, not_before: int) -> Start:
+        key = (tuple(ids), cursor, frozenset(fresh))
+        found = self._inflight.get(key)
+        if found is not None and found[0] >= not_before:
+            self.shared += 1
+            return await asyncio.shield(found[1])
+        read = asyncio.ensure_future(self.store.start(ids, cursor, key[2]))
+        entry = (self.hub.generation, read)
+        self._inflight[key] = entry
+        read.add_done_callback(lambda done: self._finished(key, entry))
+        # Shielded: a client that goes away must not cancel the read the others share.
+        return await asyncio.shield(read)
+
+    def _finished(self, key: tuple[Any, ...], entry: tuple[int, asyncio.Task[Start]]) -> None:
+        if self._inflight.get(key) is entry:
+            del self._inflight[key]
+        if not entry[1].cancelled():
+            entry[1].exception()  # retrieved: an error is its waiters' to report
+
+
 class EventStream:
-    def __init__(self, hub: Hub, store: Store, access: Access, *, heartbeat: float) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        store: Store,
+        access: Access,
+        *,
+        heartbeat: float,
+        write_timeout: float = 30.0,
+        max_streams: int = 10_000,
+    ) -> None:
         self.hub = hub
         self.store = store
         self.access = access
         self.heartbeat = heartbeat
+        self.write_timeout = write_timeout
+        self.max_streams = max_streams
+        self.reads = SharedReads(store, hub)
+        self.open = 0  # streams open now
+        self.stalled = 0  # clients disconnected for accepting no bytes (tests read it)
+        self.incidents = Incidents(log)
 
     @contextlib.asynccontextmanager
     async def opened(
@@ -130,32 +248,60 @@ class EventStream:
         task_ids: Sequence[str] | Callable[[], Awaitable[Sequence[str]]],
         *,
         group: str | None = None,
-    ) -> AsyncIterator[tuple[Watcher, list[str], int | None]]:
+    ) -> AsyncIterator[Opened]:
         """Where every stream starts, one task's, many tasks' or a group's (and every
         reconnect): its task ids, its watcher, subscribed, and the client's cursor.
         What each stream must check before it reads or watches anything belongs
         here, once, at the top: the token's scope (every task listed, or the
         group), before even a group's members are looked up (a callable
-        `task_ids`), so no answer, not even a 404, comes before it."""
+        `task_ids`), so no answer, not even a 404, comes before it.
+
+        Here too, once for every stream: a HEAD gets the headers alone; a stream
+        that cannot be served now (the process at its stream limit, Redis not
+        answering before the response began) gets `try_later`; a client that
+        stopped reading is let go quietly."""
         if group is not None:
             authorize(request, "groups", [group])
         elif not callable(task_ids):
             await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses the stream
         else:
             raise TypeError("a stream of looked-up tasks is a group's: name it")
-        cursor = parse_cursor(request)
-        ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
-        async with self.hub.watch(ids) as watcher:
-            yield watcher, ids, cursor
+        if request.method == "HEAD":  # what a GET would start with, and nothing held open
+            raise web.HTTPOk(headers=SSE_HEADERS)
+        if self.open >= self.max_streams:
+            self.incidents.warning(
+                "stream limit", "progress-sse is at its limit of %d open streams: new ones are told to retry", self.open
+            )
+            raise try_later("this process serves as many streams as it may")
+        self.open += 1
+        stream: Opened | None = None
+        try:
+            cursor = parse_cursor(request)
+            ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
+            async with self.hub.watch(ids) as watcher:
+                stream = Opened(request, self, watcher, ids, cursor)
+                yield stream
+        except ClientStalled as exc:
+            self.stalled += 1
+            log.info("progress-sse disconnected a client of %s: %s", request.path, exc)
+        except (RedisError, HubUnavailable, ConnectionError) as exc:
+            if stream is not None and stream.response is not None and stream.response.prepared:
+                raise  # mid-stream: the connection ends, and the client resumes from its cursor
+            log.warning("progress-sse could not open a stream of %s: %s", request.path, exc)
+            raise try_later("Redis is not answering") from None
+        finally:
+            self.open -= 1
 
     def live(self, request: web.Request, response: web.StreamResponse, watcher: Watcher) -> Live:
         """The live loop of `request`'s stream: it ends when the request's token
         expires, and writes frames as the token's holder may see them."""
         return Live(
+            request,
             response,
             watcher,
             self.store,
             heartbeat=self.heartbeat,
+            write_timeout=self.write_timeout,
             expires=request[GRANT].expires,
             encode=frame_bytes(request, self.access),
         )
@@ -163,8 +309,8 @@ class EventStream:
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
     ) -> web.StreamResponse:
-        async with self.opened(request, task_ids) as (watcher, _, cursor):
-            start = await self.store.start(task_ids, cursor, fresh)
+        async with self.opened(request, task_ids) as stream:
+            start = await stream.start(fresh)
             known = [t for t in start.tasks if t.known]
             if single and not known:
                 raise error(web.HTTPNotFound, f"There is no task {task_ids[0]!r} (or its history has expired).")
@@ -173,9 +319,7 @@ class EventStream:
             if start.resumed and not waiting and not frames:
                 return web.Response(status=204)  # EventSource stops reconnecting on 204
 
-            response = web.StreamResponse(headers=SSE_HEADERS)
-            await response.prepare(request)
-            live = self.live(request, response, watcher)
+            live = await stream.begin()
             unknown = b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)
             await live.send(frames, before=PING + unknown)
             if waiting:
@@ -185,5 +329,11 @@ class EventStream:
                         waiting.difference_update(frame.task_id for frame in batch if frame.terminal)
                         if not waiting:
                             break
-            await response.write_eof()
-            return response
+            return await stream.end()
+        return stream.gone()
+
+
+def try_later(reason: str) -> web.HTTPException:
+    """A 200 that holds only `retry:` (a random delay in RETRY_LATER_MS) and ends."""
+    delay = random.randint(*RETRY_LATER_MS)
+    return web.HTTPOk(text=f": {reason}; retry in {delay} ms\nretry: {delay}\n\n", headers=SSE_HEADERS)

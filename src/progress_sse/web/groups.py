@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
-from .delivery import SSE_HEADERS, EventStream
+from .delivery import EventStream
 from .errors import error
 from .store import Store
 
@@ -85,8 +85,9 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
             raise error(web.HTTPNotFound, f"There is no group {group_id!r} (or its history has expired).")
         return ids
 
-    async with streams.opened(request, known_members, group=group_id) as (watcher, ids, cursor):
-        start = await store.start(ids, None)
+    async with streams.opened(request, known_members, group=group_id) as stream:
+        ids, cursor = stream.ids, stream.cursor
+        start = await stream.start(resume=False)  # the aggregate is a state: it starts from the current one
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
         last_seq = max((f.seq for f in latest.values()), default=0)
 
@@ -96,9 +97,7 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
         if ended() and cursor is not None and cursor >= last_seq:
             return web.Response(status=204)
 
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        live = streams.live(request, response, watcher)
+        live = await stream.begin()
 
         def frame(seq: int) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))
@@ -120,5 +119,5 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
                         await live.write(frame(changed))
                         if ended():
                             break
-        await response.write_eof()
-        return response
+        return await stream.end()
+    return stream.gone()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -43,21 +43,37 @@ Item = Frame | Signal
 
 
 class Watcher:
-    """One stream's inbox: frames in publish order, or a signal."""
+    """One stream's inbox: frames in publish order, or a signal.
+
+    The inbox is bounded in bytes (`limit`: the frames' encoded size), not in
+    frames: a slow client's backlog costs at most that much memory, whatever the
+    events weigh. When it would pass the bound, the `progress` frames waiting for a
+    task collapse to that task's latest (a bar needs only where it is now); state
+    changes and terminal events are never dropped. If those alone still pass the
+    bound, the backlog is dropped for one RESYNC: the stream reads it back from
+    the log, which is the buffer of last resort.
+    """
 
     def __init__(self, task_ids: Iterable[str], *, limit: int) -> None:
         self.task_ids = frozenset(task_ids)
         self.closed = False
+        # The subscription generation (Hub.generation) from which every one of this
+        # watcher's channels was confirmed: a read issued at or after it is one
+        # this watcher may share (web/delivery.py).
+        self.confirmed = 0
         self._limit = limit
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._items: deque[Item] = deque()
+        self._bytes = 0
+        self._wakeup: asyncio.Future[None] | None = None
         self._held: list[Frame] | None = None  # a list while the subscription is being restored
+        self._held_bytes = 0
 
     def hold(self) -> None:
         """The subscription dropped: keep live frames aside until `resume`. Otherwise a
         frame published after the reconnect could move the stream past the events
         published while it was down, before it has read them from the log."""
         if self._held is None:
-            self._held = []
+            self._held, self._held_bytes = [], 0
 
     def resume(self) -> None:
         """Subscribed again: read the log first (RESYNC), then the frames held meanwhile."""
@@ -70,45 +86,75 @@ class Watcher:
 
     def deliver(self, item: Item) -> None:
         if self._held is not None and isinstance(item, Frame):
-            if len(self._held) >= self._limit:
+            if self._held_bytes >= self._limit:
                 self._held.clear()  # the RESYNC that `resume` queues reads them from the log
+                self._held_bytes = 0
             self._held.append(item)
+            self._held_bytes += len(item.encoded)
             return
-        if self._queue.qsize() >= self._limit:
-            # Too far behind: drop the backlog and read it back from the log later.
-            while not self._queue.empty():
-                self._queue.get_nowait()
-            item = Signal.RESYNC
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        if isinstance(item, Frame):
+            self._bytes += len(item.encoded)
+            if self._bytes > self._limit:
+                self._collapse()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _collapse(self) -> None:
+        latest = {item.task_id: item for item in self._items if isinstance(item, Frame) and item.state == "progress"}
+        kept = [
+            item
+            for item in self._items
+            if not (isinstance(item, Frame) and item.state == "progress" and latest[item.task_id] is not item)
+        ]
+        self._items = deque(kept)
+        self._bytes = sum(len(item.encoded) for item in kept if isinstance(item, Frame))
+        if self._bytes > self._limit:  # state changes alone: read them back from the log
+            self._items = deque([Signal.CLOSE] if Signal.CLOSE in kept else [Signal.RESYNC])
+            self._bytes = 0
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of frames waiting."""
+        return self._bytes
 
     def pending(self) -> list[Item]:
         """Every item already waiting, without waiting for more."""
-        items = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
+        items = list(self._items)
+        self._items.clear()
+        self._bytes = 0
         return items
 
     def close(self) -> None:
         self.closed = True
-        self._queue.put_nowait(Signal.CLOSE)
+        self._items.append(Signal.CLOSE)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def next(self, timeout: float) -> Item | None:
         """The next item, or None after `timeout` seconds of silence."""
-        if not self._queue.empty():  # no timer to arm and cancel when there is work
-            return self._queue.get_nowait()
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._queue.get()
-        except TimeoutError:
-            return None
+        if not self._items:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wakeup
+            except TimeoutError:
+                return None
+            finally:
+                self._wakeup = None
+        item = self._items.popleft()
+        if isinstance(item, Frame):
+            self._bytes -= len(item.encoded)
+        return item
 
 
 class _Channel:
-    __slots__ = ("ready", "watchers")
+    __slots__ = ("confirmed", "ready", "watchers")
 
     def __init__(self) -> None:
         self.watchers: set[Watcher] = set()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.confirmed = 0  # the Hub.generation of its latest confirmation
 
 
 class HubUnavailable(Exception):
@@ -121,7 +167,7 @@ class Hub:
         client: aioredis.Redis,
         keys: Keys,
         *,
-        buffer: int = 1000,
+        buffer: int = 256 * 1024,
         subscribe_timeout: float = 10.0,
         idle_ping: float = 30.0,
         backoff: tuple[float, float] = (0.05, 5.0),
@@ -145,6 +191,13 @@ class Hub:
         self._pubsub: Any = None
         self._resync: asyncio.Task[None] | None = None
         self.connections = 0  # how many times the subscriber connected (tests read it)
+        # Since the subscriber lost its connection, until it has it back: a new
+        # watcher of a channel not subscribed yet is refused at once, not after
+        # `subscribe_timeout` (its stream is told to retry later).
+        self.down = False
+        # Counts subscription confirmations: a read issued when it stood at N started
+        # after every confirmation up to N (web/delivery.py shares such reads).
+        self.generation = 0
 
     async def start(self) -> None:
         self._runner = asyncio.create_task(self._run(), name="progress-sse hub")
@@ -208,12 +261,15 @@ class Hub:
             channel.watchers.add(watcher)
         self._dirty.set()
         try:
+            if self.down and not all(self._channels[name].ready.done() for name in channels):
+                raise HubUnavailable("the subscriber connection to Redis is down")
             try:
                 async with asyncio.timeout(self._subscribe_timeout):
                     for name in channels:
                         await asyncio.shield(self._channels[name].ready)
             except TimeoutError:
                 raise HubUnavailable("Redis did not confirm the subscription in time") from None
+            watcher.confirmed = max((self._channels[name].confirmed for name in channels), default=self.generation)
             yield watcher
         finally:
             self._watchers.discard(watcher)
@@ -239,6 +295,7 @@ class Hub:
                 if self._closing:  # the cancellation may have been lost in redis-py's connect
                     return
                 self.connections += 1
+                self.down = False
                 delay = self._backoff[0]
                 self._active.clear()
                 self._unconfirmed.clear()
@@ -259,6 +316,7 @@ class Hub:
                     syncer.cancel()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self.down = True
             if self._resync is not None:
                 self._resync.cancel()  # it belonged to the connection that just dropped
             for watcher in self._watchers:
@@ -307,7 +365,12 @@ class Hub:
             del self._unconfirmed[name]
             channel = self._channels.get(name)
             if channel is not None and name in self._active and not channel.ready.done():
-                channel.ready.set_result(None)
+                self._ready(channel)
+
+    def _ready(self, channel: _Channel) -> None:
+        self.generation += 1
+        channel.confirmed = self.generation
+        channel.ready.set_result(None)
 
     async def _sync(self, pubsub: Any) -> None:
         """Make the connection's subscriptions match what watchers want. One coroutine
@@ -332,7 +395,7 @@ class Hub:
         for name in wanted - add:
             channel = self._channels[name]
             if not self._unconfirmed[name] and not channel.ready.done():
-                channel.ready.set_result(None)
+                self._ready(channel)
         if add:
             await pubsub.subscribe(*add)
         if drop:
