@@ -50,6 +50,24 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     # What a watcher (a token that is not an operator's) sees of a failure.
     watcher_errors: str = "message"
+    # Slow clients (web/hub.py, web/delivery.py): bytes of frames a stream may have
+    # waiting, and seconds a client may accept no bytes before it is disconnected.
+    stream_buffer: int = 256 * 1024
+    write_timeout: float = 30.0
+    # Open streams per web process; None: derived from the file-descriptor limit.
+    max_streams: int | None = None
+    # Web processes serving one port (`progress-sse web --workers`, cli/serve.py).
+    web_workers: int = 1
+    # Request limits (web/server.py): seconds a request's headers, then its body,
+    # may take to arrive, and an idle connection stays open; client connections
+    # per process (None: derived from the file-descriptor limit, web/limits.py).
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    max_connections: int | None = None
+    # Seconds a task may stay `queued` before, its message gone from a Redis broker, it
+    # ends as lost (web/reaper.py; docs/protocol.md, States).
+    queued_timeout: int = 300
 
     @property
     def keyed(self) -> bool:
@@ -371,5 +389,63 @@ TABLE: tuple[Setting, ...] = (
         "PROGRESS_SSE_WATCHER_ERRORS",
         _watcher_errors,
         "what a watcher sees of a failure: message (type and message) or type; tracebacks are for operators only",
+    ),
+    Setting(
+        "stream_buffer",
+        "PROGRESS_SSE_STREAM_BUFFER",
+        _positive_int,
+        "bytes of frames a stream may have waiting for a slow client; beyond, its progress frames collapse",
+    ),
+    Setting(
+        "write_timeout",
+        "PROGRESS_SSE_WRITE_TIMEOUT",
+        _positive_float,
+        "seconds a client may accept no bytes of its stream before it is disconnected",
+    ),
+    Setting(
+        "max_streams",
+        "PROGRESS_SSE_MAX_STREAMS",
+        _positive_int,
+        "open streams per web process; beyond, a new stream is told to retry later",
+        default_text="the connection limit less a tenth",
+    ),
+    Setting(
+        "web_workers",
+        "WEB_CONCURRENCY",
+        _positive_int,
+        "web processes serving the port together (SO_REUSEPORT, Linux); each holds its own subscription",
+        "--workers",
+        frozenset({"web"}),
+    ),
+    Setting(
+        "header_timeout",
+        "PROGRESS_SSE_HEADER_TIMEOUT",
+        _positive_float,
+        "seconds from a request's first byte to the end of its headers; slower gets 408 and is closed",
+    ),
+    Setting(
+        "body_timeout",
+        "PROGRESS_SSE_BODY_TIMEOUT",
+        _positive_float,
+        "seconds a request's declared body may take to arrive; slower gets 408 and is closed",
+    ),
+    Setting(
+        "keepalive_timeout",
+        "PROGRESS_SSE_KEEPALIVE_TIMEOUT",
+        _positive_float,
+        "seconds an idle connection (no request under way) stays open",
+    ),
+    Setting(
+        "max_connections",
+        "PROGRESS_SSE_MAX_CONNECTIONS",
+        _positive_int,
+        "client connections per web process; beyond, idle ones are closed, else the new one",
+        default_text="the file-descriptor limit less headroom",
+    ),
+    Setting(
+        "queued_timeout",
+        "PROGRESS_SSE_QUEUED_TIMEOUT",
+        _positive_int,
+        "seconds after which a task still queued whose message a Redis broker no longer holds ends as lost",
     ),
 )

@@ -5,15 +5,41 @@ Every option falls back to its environment variable (config.TABLE), so the
 Procfile lines need no flags on a platform that sets `PORT` and `REDIS_URL`.
 Invalid configuration stops the command at start with a message that names the
 setting and the bad value.
+
+`web --workers N` (WEB_CONCURRENCY, as Procfile platforms set it) runs N copies of
+the one-process web on one port, each bound with SO_REUSEPORT, under a small
+parent (cli/supervisor.py). Why this and not gunicorn's aiohttp worker:
+
+- Balance. With SO_REUSEPORT each process has its own listening socket and the
+  Linux kernel hashes every new connection to one of them, so open streams spread
+  evenly. Gunicorn's workers accept from one shared socket; epoll's wake-ups are
+  uneven, and long-lived streams pile up on a few processes.
+- Sameness. Each process is exactly `progress-sse web` with WEB_CONCURRENCY=1:
+  the same `run_app` with `RUN_OPTIONS` (limits, handler cancellation, the
+  tokenless access log) and the same start-up checks. Gunicorn's worker builds its
+  own runner from gunicorn's settings, and would be one more dependency.
+- Linux only: elsewhere SO_REUSEPORT does not balance, so N > 1 is refused there.
+
+The parent prints the "progress-sse web on" line (and the access warnings) once,
+when every process has said it listens. A SIGTERM or SIGINT to the parent goes to
+every process at once; each drains its streams (shutdown_timeout) and exits 0, and
+then the parent does. A process that exits on its own (a crash, an OOM kill)
+stops all of them and the parent exits 1 naming it, as `dev` does: the platform
+restarts the whole, and clients resume from Last-Event-ID without a gap. Restarting
+it here instead would hide a crash loop behind a half-serving web.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import config
@@ -21,17 +47,27 @@ from ..config import ConfigError, Settings, redacted
 from .embedded import EmbeddedRedisError
 from .errors import failed
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 log = logging.getLogger(__name__)
 
 COMMANDS = ("web", "worker", "dev")
 # Where `dev` differs from the Procfile's defaults: a laptop's dev server is for its
 # own user, so it listens on loopback unless told otherwise (HOST, --host).
 DEV_DEFAULTS = {"HOST": "127.0.0.1"}
+# How long a web process gives its open requests to end when stopped, unless
+# RUN_OPTIONS says: streams end at once (on_shutdown), so this is for the rest.
+# Well inside the 30 s a platform allows between SIGTERM and SIGKILL, as is the
+# parent's grace (supervisor.STOP_GRACE) for `--workers`.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     web = sub.add_parser("web", help="serve the HTTP API and the event streams (Procfile: web)")
     _setting_flags(web, "web")
+    # Given by `web --workers N` to each process it starts: which one it is, 1 to N.
+    web.add_argument("--process", type=int, help=argparse.SUPPRESS)
     worker = sub.add_parser(
         "worker",
         help="run a Celery worker with the bridge and the demo tasks (Procfile: worker)",
@@ -56,6 +92,8 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "web":
+            if args.process is not None:
+                return _web_process(settings, args.process)
             return _web(settings)
         if args.command == "worker":
             return _worker(settings, args.concurrency, rest)
@@ -90,38 +128,140 @@ def _flag_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _web(settings: Settings) -> int:
-    from aiohttp import web
+    if settings.web_workers > 1:
+        return _web_group(settings)
+    from ..web import create_app
 
-    from ..web import RUN_OPTIONS, create_app
+    app = create_app(settings)  # loads the allow-list: a bad one stops the process before `_announce`
+    _run(app, settings, print=lambda _: _announce(settings))
+    return 0
 
-    def serving(_aiohttp_banner: str) -> None:
-        # Called once the socket listens: the line means a client can connect now.
-        where = f"http://{settings.host}:{settings.port}"
-        print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)})", flush=True)
-        if settings.keyed:
-            print("progress-sse web: access tokens required on every route but /healthz and the page", flush=True)
-        elif not config.is_loopback(settings.host):
-            log.warning(
-                "progress-sse web listens on %s with NO ACCESS CONTROL: anyone who can reach it can start and "
-                "cancel allow-listed tasks and read every task and its results. Set PROGRESS_SSE_SECRET to require "
-                "access tokens (README: Show your users their own tasks), or HOST=127.0.0.1 to keep it to this "
-                "machine.%s",
-                where,
-                ""
-                if settings.allowed_hosts
-                else " It also answers any Host header, so a web page that points its own name at this address "
-                "can read it: set PROGRESS_SSE_ALLOWED_HOSTS to the names clients reach it by.",
-            )
 
-    web.run_app(
-        create_app(settings),  # loads the allow-list: a bad one stops the process before `serving`
+def _web_process(settings: Settings, process: int) -> int:
+    """Process `process` (1..N) of `web --workers N`."""
+    from ..web import create_app
+
+    app = create_app(settings)
+
+    def listening(_aiohttp_banner: str) -> None:
+        # The parent waits for this line from every process before it says the web serves.
+        print(f"{_ready_line(process, settings.web_workers)} (pid {os.getpid()})", flush=True)
+
+    _run(_first_signal_stops(app), settings, print=listening, reuse_port=True, handle_signals=False)
+    return 0
+
+
+def _run(app: web.Application | Awaitable[web.Application], settings: Settings, **options: Any) -> None:
+    """Serve until stopped; `print` is called once the socket listens."""
+    from ..web import RUN_OPTIONS
+    from ..web.server import run_app
+
+    run_app(
+        app,
         host=settings.host,
         port=settings.port,
-        **RUN_OPTIONS,
-        shutdown_timeout=5,
-        print=serving,
+        **{"shutdown_timeout": SHUTDOWN_TIMEOUT, **RUN_OPTIONS, **options},
     )
-    return 0
+
+
+def _ready_line(process: int, processes: int) -> str:
+    return f"progress-sse web process {process}/{processes} listening"
+
+
+async def _first_signal_stops(app: web.Application) -> web.Application:
+    """A process of a group stops gracefully on its first SIGTERM or SIGINT and
+    ignores the ones after. It gets two: platforms signal every process of a dyno
+    or container, and the parent forwards its own. aiohttp's handler would take the
+    second as "stop now", cutting the drain short with status 1; here the parent's
+    grace (then SIGKILL) is what bounds it."""
+    from aiohttp.web import GracefulExit
+
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def stop() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise GracefulExit  # as aiohttp's own handler does
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    return app
+
+
+def _web_group(settings: Settings) -> int:
+    """`web --workers N`: N one-process webs on one port (see the module's docstring)."""
+    from . import supervisor
+
+    processes = settings.web_workers
+    if not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"WEB_CONCURRENCY={processes} (--workers) needs Linux, whose SO_REUSEPORT spreads connections over the "
+            "processes; elsewhere run one process per port behind a proxy"
+        )
+    try:
+        _check_free(settings.host, settings.port)
+    except OSError as exc:
+        return failed(OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"), 1)
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}  # the flags' values too
+    python = [sys.executable, "-m", "progress_sse", "web"]
+    children = [
+        supervisor.Child(
+            f"web.{i}",
+            [*python, f"--process={i}"],
+            env,
+            ready_line=_starts_with(_ready_line(i, processes)),
+            ready_timeout=60,
+        )
+        for i in range(1, processes + 1)
+    ]
+    return supervisor.run(
+        children,
+        started=lambda: _announce(settings, processes),
+        name="progress-sse web",
+        together=True,
+        strict_stop=True,
+    )
+
+
+def _starts_with(prefix: str) -> Callable[[str], bool]:
+    return lambda line: line.startswith(prefix)
+
+
+def _check_free(host: str, port: int) -> None:
+    """Raise OSError if anything listens on host:port. The processes bind with
+    SO_REUSEPORT, which would let them join another group of ours on the port (a
+    stale one, or a second start) without a word; this plain bind fails instead."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no user
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+
+
+def _announce(settings: Settings, processes: int = 1) -> None:
+    """The line that says the web serves, and what a user must know about its access."""
+    where = f"http://{settings.host}:{settings.port}"
+    group = f"; {processes} processes" if processes > 1 else ""
+    print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)}{group})", flush=True)
+    if settings.keyed:
+        print("progress-sse web: access tokens required on every route but /healthz and the page", flush=True)
+    elif not config.is_loopback(settings.host):
+        log.warning(
+            "progress-sse web listens on %s with NO ACCESS CONTROL: anyone who can reach it can start and "
+            "cancel allow-listed tasks and read every task and its results. Set PROGRESS_SSE_SECRET to require "
+            "access tokens (README: Show your users their own tasks), or HOST=127.0.0.1 to keep it to this "
+            "machine.%s",
+            where,
+            ""
+            if settings.allowed_hosts
+            else " It also answers any Host header, so a web page that points its own name at this address "
+            "can read it: set PROGRESS_SSE_ALLOWED_HOSTS to the names clients reach it by.",
+        )
 
 
 def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) -> int:
@@ -143,6 +283,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     from .embedded import EmbeddedRedis, answers, listening
 
     env = {**os.environ, **_flag_env(args), "PYTHONUNBUFFERED": "1"}  # so their lines show as written
+    env["WEB_CONCURRENCY"] = "1"  # one web process on a laptop, whatever a platform's variable says
     for variable, value in DEV_DEFAULTS.items():
         if not env.get(variable, "").strip():
             env[variable] = value

@@ -1,4 +1,5 @@
-"""Runs `progress-sse dev`'s processes together, as a Procfile runner would.
+"""Runs `progress-sse dev`'s processes together, as a Procfile runner would, and
+the processes of `progress-sse web --workers N` (`together=True`).
 
 Each child's output is shown with its name in front. When any child exits, the
 others are stopped and the run ends with an error that names the child and
@@ -7,6 +8,10 @@ port in use): one process dying must never leave the others serving as if all
 were well. Ctrl-C, SIGTERM, SIGHUP (the terminal closing) or SIGQUIT stop them
 all and end the run cleanly; if the supervisor itself is killed outright, the
 kernel sends each child SIGTERM (Linux), so none is left behind either way.
+
+With `together=True` the children are peers (web processes sharing a port): all
+start at once, all get SIGTERM at once, and with `strict_stop=True` the run ends
+0 only if every one of them then exits 0 within the grace.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ class Child:
     # answering); returns True when ready. Polled every 50 ms.
     ready: Callable[[], bool] | None = None
     ready_timeout: float = 10.0
+    # Or ready once it writes a line for which this returns True (e.g. "listening").
+    ready_line: Callable[[str], bool] | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     process: asyncio.subprocess.Process | None = None
+    saw_ready_line: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ChildExited(Exception):
@@ -59,52 +67,79 @@ def run(
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
     started: Callable[[], None] | None = None,
+    name: str = "progress-sse dev",
+    together: bool = False,
+    strict_stop: bool = False,
 ) -> int:
     """Start `children` in order and supervise them; the exit status of the run:
     0 when stopped by a signal, 1 when a child exited (or never got ready).
-    `started` is called once every child has started and is ready."""
-    return asyncio.run(_supervise(list(children), _Output(out), err, started))
+    `started` is called once every child has started and is ready; `name` begins
+    the report of a child's exit. `together`: start them all before waiting for
+    any to get ready, and stop them all at once. `strict_stop`: a child that exits
+    other than 0 (or by the SIGTERM sent to it) when stopped makes the run fail."""
+    how = _How(name, together, strict_stop)
+    return asyncio.run(_supervise(list(children), _Output(out), err, started, how))
 
 
-async def _supervise(children: list[Child], out: _Output, err: TextIO, started: Callable[[], None] | None) -> int:
+@dataclass(frozen=True)
+class _How:
+    name: str
+    together: bool
+    strict_stop: bool
+
+
+async def _supervise(
+    children: list[Child], out: _Output, err: TextIO, started: Callable[[], None] | None, how: _How
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     width = max(len(c.name) for c in children)
     watchers: list[asyncio.Task[None]] = []
+    status = 0
     try:
         for child in children:
             # Spawned here, not in its watcher task: a stop that comes meanwhile
             # then always finds the process to signal.
             child.process = await _spawn(child)
             watchers.append(asyncio.create_task(_watch(child, f"{child.name:<{width}} | ", out)))
-            if child.ready is not None:
+            if not how.together:
                 await _wait_ready(child, watchers[-1], stop)
             if stop.is_set():
-                return 0
-        if started is not None:
-            started()
-        stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([*watchers, stopping], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        for task in done:
-            if task is not stopping:
-                task.result()  # raises ChildExited
-        return 0
+                break
+        if how.together:
+            for child, watcher in zip(children, watchers, strict=True):
+                await _wait_ready(child, watcher, stop)
+        if not stop.is_set():
+            if started is not None:
+                started()
+            stopping = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*watchers, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done:
+                if task is not stopping and not stop.is_set():
+                    task.result()  # raises ChildExited
     except ChildExited as exc:
-        _report(exc, err)
-        return 1
+        _report(exc, err, how.name)
+        status = 1
     finally:
         # Another stop signal while stopping kills at once instead of waiting out the grace.
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, _kill_all, children)
-        await _stop_all(children)
+        await _stop_all(children, how.together)
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+    if status == 0 and how.strict_stop:
+        for child in children:
+            returncode = None if child.process is None else child.process.returncode
+            if returncode not in (None, 0, -signal.SIGTERM):
+                _report(ChildExited(child, returncode), err, how.name, "when stopped")
+                status = 1
+    return status
 
 
 async def _spawn(child: Child) -> asyncio.subprocess.Process:
@@ -160,13 +195,16 @@ async def _copy_lines(child: Child, stream: asyncio.StreamReader, prefix: str, o
             lines.append(pending)
             pending = b""
         for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\r")
-            child.tail.append(line)
-            out.write(prefix + line + "\n")
+            _line(child, raw.decode(errors="replace").rstrip("\r"), prefix, out)
     if pending:
-        line = pending.decode(errors="replace").rstrip("\r")
-        child.tail.append(line)
-        out.write(prefix + line + "\n")
+        _line(child, pending.decode(errors="replace").rstrip("\r"), prefix, out)
+
+
+def _line(child: Child, line: str, prefix: str, out: _Output) -> None:
+    child.tail.append(line)
+    out.write(prefix + line + "\n")
+    if child.ready_line is not None and not child.saw_ready_line.is_set() and child.ready_line(line):
+        child.saw_ready_line.set()
 
 
 class _Output:
@@ -187,7 +225,10 @@ class _Output:
 
 
 async def _wait_ready(child: Child, watching: asyncio.Task[None], stop: asyncio.Event) -> None:
-    assert child.ready is not None
+    if child.ready_line is not None:
+        await _wait_ready_line(child, watching, stop)
+    if child.ready is None:
+        return
     deadline = asyncio.get_running_loop().time() + child.ready_timeout
     while not stop.is_set():
         if watching.done():
@@ -200,7 +241,23 @@ async def _wait_ready(child: Child, watching: asyncio.Task[None], stop: asyncio.
         await asyncio.sleep(0.05)
 
 
-def _report(exc: ChildExited, err: TextIO) -> None:
+async def _wait_ready_line(child: Child, watching: asyncio.Task[None], stop: asyncio.Event) -> None:
+    seen = asyncio.create_task(child.saw_ready_line.wait())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([seen, stopping, watching], timeout=child.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        seen.cancel()
+        stopping.cancel()
+    if child.saw_ready_line.is_set() or stop.is_set():
+        return
+    if watching.done():
+        watching.result()  # it exited before it was ready: raises ChildExited
+    child.tail.append(f"(not ready after {child.ready_timeout:g} s)")
+    raise ChildExited(child, None)
+
+
+def _report(exc: ChildExited, err: TextIO, name: str, when: str = "") -> None:
     child = exc.child
     if exc.status is None:
         what = "did not get ready"
@@ -209,22 +266,32 @@ def _report(exc: ChildExited, err: TextIO) -> None:
     else:
         what = f"exited with status {exc.status}"
     lines = "\n".join(f"    {line}" for line in child.tail) or "    (it wrote nothing)"
-    err.write(f"progress-sse dev: the {child.name} {what}. Its last lines:\n{lines}\nStopped the others.\n")
+    if when:
+        err.write(f"{name}: the {child.name} {what} {when}. Its last lines:\n{lines}\n")
+    else:
+        err.write(f"{name}: the {child.name} {what}. Its last lines:\n{lines}\nStopped the others.\n")
     err.flush()
 
 
-async def _stop_all(children: Sequence[Child]) -> None:
-    """SIGTERM to every running child, later ones first (Redis outlives its clients);
-    SIGKILL to any still running after the grace."""
+async def _stop_all(children: Sequence[Child], together: bool = False) -> None:
+    """SIGTERM to every running child, later ones first (Redis outlives its clients),
+    or all at once if `together`; SIGKILL to any still running after the grace."""
+    if together:  # each gets its one SIGTERM as its _stop starts: all before any wait
+        await asyncio.gather(*(_stop(child) for child in children))
+        return
     for child in reversed(children):
-        _signal(child, signal.SIGTERM)
-        if child.process is not None and child.process.returncode is None:
-            try:
-                await asyncio.wait_for(child.process.wait(), STOP_GRACE)
-            except TimeoutError:
-                _signal(child, signal.SIGKILL)
-                await child.process.wait()
-        _signal(child, signal.SIGKILL)  # whatever is left of its group (e.g. orphaned pool processes)
+        await _stop(child)
+
+
+async def _stop(child: Child) -> None:
+    _signal(child, signal.SIGTERM)
+    if child.process is not None and child.process.returncode is None:
+        try:
+            await asyncio.wait_for(child.process.wait(), STOP_GRACE)
+        except TimeoutError:
+            _signal(child, signal.SIGKILL)
+            await child.process.wait()
+    _signal(child, signal.SIGKILL)  # whatever is left of its group (e.g. orphaned pool processes)
 
 
 def _kill_all(children: Sequence[Child]) -> None:

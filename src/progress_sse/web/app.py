@@ -29,20 +29,22 @@ from .cors import Cors
 from .delivery import EventStream
 from .errors import Handler, json_errors
 from .hub import Hub
+from .limits import default_max_streams
 from .store import Store
 
 # /events?task=…&fresh=… for 100 ids of the longest allowed length (keys.is_task_id)
 # is about 41 KB of request line; aiohttp's default limit is 8 KiB.
 MAX_REQUEST_LINE = 64 * 1024
 # What `web.run_app` (or an AppRunner) needs to serve these routes well; `progress-sse
-# web` passes exactly these. handler_cancellation: a handler whose client went away
-# is cancelled at once, releasing its watcher instead of waiting for a write to fail.
-# The others go to each connection's request handler (aiohttp has no `handler_args`
-# for run_app: unknown arguments are dropped there with a warning, limits and all).
+# web` passes exactly these to web/server.py's run_app, which adds the header timeout,
+# JSON parser errors and the connection limit. handler_cancellation: a handler whose
+# client went away is cancelled at once, releasing its watcher instead of waiting
+# for a write to fail. The others go to each connection's request handler (unknown
+# ones make aiohttp drop them all, with a warning). The keep-alive timeout is the
+# app's own (create_app's handler_args), from the settings.
 RUN_OPTIONS: dict[str, Any] = {
     "handler_cancellation": True,
     "max_line_size": MAX_REQUEST_LINE,
-    "keepalive_timeout": 75.0,
     # A stream's ?token= must not reach the log.
     "access_log_class": TokenlessAccessLogger,
 }
@@ -74,10 +76,16 @@ def create_app(
     middlewares (auth, ...) run in front of it and its URLs carry the prefix.
 
     `allowlist` defaults to `settings.allowlist` (PROGRESS_SSE_ALLOWLIST), else the
-    demo tasks."""
+    demo tasks. Mounted, the keep-alive timeout is your app's: aiohttp takes
+    handler_args from the app it serves."""
     access = Access.from_settings(settings)
     cors = Cors(settings.cors_origins, CORS_ROUTES)
-    app = web.Application(middlewares=[json_errors, guard(access, cors, _public)])
+    app = web.Application(
+        middlewares=[json_errors, guard(access, cors, _public)],
+        # To each connection's request handler, however the app is served (the
+        # header and body timeouts and the connection limit need web/server.py's run_app).
+        handler_args={"keepalive_timeout": settings.keepalive_timeout},
+    )
     app[SETTINGS] = settings
     app[ACCESS] = access
     if allowlist is None:
@@ -114,11 +122,18 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = Keys(settings.key_prefix)
     client = web_client(settings)
     hub_redis = hub_client(settings)
-    hub = Hub(hub_redis, keys)
+    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer)
     app[REDIS] = client
     app[STORE] = Store(client, keys)
     app[HUB] = hub
-    app[STREAMS] = EventStream(hub, app[STORE], app[ACCESS], heartbeat=settings.heartbeat)
+    app[STREAMS] = EventStream(
+        hub,
+        app[STORE],
+        app[ACCESS],
+        heartbeat=settings.heartbeat,
+        write_timeout=settings.write_timeout,
+        max_streams=settings.max_streams or default_max_streams(connections=settings.max_connections),
+    )
     app[PUBLISHER] = Publisher.from_settings(settings)
     await hub.start()
     reaper_task = asyncio.create_task(reaper.run(client, keys, app[PUBLISHER], settings.worker_ttl))
