@@ -277,8 +277,8 @@ def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_
     task_id = new_task()
     publisher.publish(event(task_id, "queued"))
     payload = event(task_id, "started")
-    args = [keys.channel(task_id), task_id, "started", dumps(payload), 60, 100, payload["ts"], "same-event-id"]
-    script_keys = [keys.state(task_id), keys.log(task_id), keys.seq, keys.recent]
+    args = [keys.channel(task_id), task_id, "started", dumps(payload), 60, 100, payload["ts"], "same-event-id", ""]
+    script_keys = [keys.state(task_id), keys.log(task_id), keys.seq, keys.recent, keys.queued]
     first = publisher._append(keys=script_keys, args=args)
     again = publisher._append(keys=script_keys, args=args)
     assert first == again

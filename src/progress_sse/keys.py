@@ -72,3 +72,9 @@ class Keys:
     def control_channel(self) -> str:
         """Kept subscribed by the web process so its pub/sub connection is never idle-empty."""
         return f"{self.prefix}:hub"
+
+    @property
+    def queued(self) -> str:
+        """Sorted set: ids of the tasks whose state is `queued`, scored by when they
+        were queued (the write script keeps it; the reaper's queued rule reads it)."""
+        return f"{self.prefix}:queued"

@@ -5,7 +5,9 @@
 event, with no change to the task. Handlers are connected strongly (a weak
 reference to a function defined here can be collected and then silently stops
 firing), accept `**kwargs` (Celery adds arguments over time), and never raise into
-Celery: a Redis outage costs events, never tasks.
+Celery: a Redis outage costs progress events, never tasks, and a task's start and
+end wait for Redis to answer again (outbox.py). Installed in a worker, it also keeps
+the tasks the worker had prefetched through a broker outage (kombu_redis.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from celery import Celery, signals
 
 from ..config import Settings, is_redis_url
 from ..events import State, dumps, json_safe, make_event
-from . import progress
+from . import broker, kombu_redis, progress
+from .outbox import Outbox
 from .progress import Coalescer
-from .publisher import Publisher
+from .publisher import CONNECTION_ERRORS, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ _UID = "progress-sse"
 MAX_RESULT_BYTES = 64 * 1024
 
 _publisher: Publisher | None = None
+_app: Celery | None = None
+# Starts and ends that Redis did not take, tried again until it does (outbox.py).
+_outbox = Outbox()
 _worker_ttl = Settings().worker_ttl
 _heartbeat: _Heartbeat | None = None
 # This worker process's life: a worker restarted under the same hostname is another
@@ -75,13 +81,16 @@ def install(
     after the app is configured (after `config_from_object`), so its broker is known.
     Celery's signals are process-wide, so every app in the process is covered.
     """
-    global _publisher, _worker_ttl
+    global _publisher, _worker_ttl, _app
     if settings is None:
         settings = _settings_for(app)
     publisher = publisher or Publisher.from_settings(settings)
     _publisher = publisher
+    _app = app
     _worker_ttl = settings.worker_ttl
     progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
+    # A worker's prefetched tasks survive a Redis broker outage (kombu_redis's docstring).
+    kombu_redis.apply()
     for signal, handler in _HANDLERS:
         signal.connect(handler, weak=False, dispatch_uid=f"{_UID}:{handler.__name__}")
     _announce(f"progress-sse records events in {_where(publisher)}")
@@ -128,11 +137,12 @@ def _where(publisher: Publisher) -> str:
 
 
 def uninstall() -> None:
-    global _publisher
+    global _publisher, _app
     for signal, handler in _HANDLERS:
         signal.disconnect(handler, dispatch_uid=f"{_UID}:{handler.__name__}")
     progress.configure(None)
     _publisher = None
+    _app = None
 
 
 def _never_raises(handler: Callable[..., None]) -> Callable[..., None]:
@@ -171,15 +181,27 @@ def _on_before_publish(
     task_id = headers.get("id") or (body.get("id") if isinstance(body, dict) else None)
     if not task_id:
         return
+    # Where the message goes: the reaper looks for a stale queued task's message only there.
+    fields: dict[str, str] = {"broker": _broker_fingerprint()}
     group_id = headers.get("group")
     if group_id:  # a member of a Celery group: watchable as one bar at /groups/<id>
         try:
             publisher.join_group(str(group_id), str(task_id))
         except Exception:
             log.warning("progress-sse could not record group %s", group_id, exc_info=True)
-        publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED), group=str(group_id))
-        return
-    publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED))
+        fields["group"] = str(group_id)
+    publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED), **fields)
+
+
+def _broker_fingerprint() -> str:
+    """The fingerprint of the broker this process publishes to: the installed app's,
+    else Celery's current app's (install() without an app)."""
+    app = _app
+    if app is None:
+        from celery import current_app
+
+        app = current_app
+    return broker.fingerprint(app.conf.broker_url)
 
 
 @_never_raises
@@ -208,8 +230,16 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     fields: dict[str, Any] = {"worker": getattr(request, "hostname", None) or "", "pid": os.getpid()}
     if not getattr(request, "retries", 0):  # started_at is the first attempt's
         fields["started_at"] = event["ts"]
-    if publisher.publish_quietly(event, **fields) is not None and fields["worker"]:
-        publisher.task_running(task_id, fields["worker"], _instance)
+
+    def start(late: bool = False) -> None:
+        # Late (from the outbox), only while still queued: progress stored since says more.
+        only_if = (State.QUEUED, None) if late else ()
+        if publisher.publish(event, only_if=only_if, **fields) is None and not late:
+            return  # refused: the task had already ended (revoked meanwhile)
+        if fields["worker"]:
+            publisher.task_running(task_id, fields["worker"], _instance)
+
+    _write(task_id, "started", start)
 
 
 @_never_raises
@@ -224,9 +254,22 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
         _announce(f"progress-sse: worker {hostname} records events in {_where(_publisher)}")
 
 
+# Seconds a stopping process gives the starts and ends still waiting for Redis.
+OUTBOX_GRACE = 2.0
+
+
+@_never_raises
+def _on_process_shutdown(**kwargs: Any) -> None:
+    # A pool process that exits (worker shutdown, max-tasks-per-child) takes its outbox along.
+    if len(_outbox):
+        _outbox.flush(OUTBOX_GRACE)
+
+
 @_never_raises
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     global _heartbeat
+    if len(_outbox):
+        _outbox.flush(OUTBOX_GRACE)
     if _heartbeat is None:
         return
     _heartbeat.stopped.set()
@@ -322,14 +365,32 @@ def _on_unknown(sender: Any = None, name: str | None = None, id: str | None = No
 def _finish(task_id: str, name: str | None, state: State, *, message: str | None = None, **extra: Any) -> None:
     """Publish the last pending progress, then `state` with the counts it carried:
     this process knows them better than Redis does while they are unsent."""
-    assert _publisher is not None
+    publisher = _publisher
+    assert publisher is not None
     coalescer = progress.active()
     last = coalescer.flush(task_id) if coalescer is not None else None
     counts = (last[0], last[1]) if last is not None else None
-    try:
-        _publisher.finish(task_id, name, state, counts=counts, message=message, **extra)
-    except Exception:
-        log.warning("progress-sse could not store the %s event of task %s", state, task_id, exc_info=True)
+    ts = round(time.time(), 3)  # when it ended, even if it is stored later
+
+    def end(late: bool = False) -> None:
+        publisher.finish(task_id, name, state, counts=counts, message=message, ts=ts, **extra)
+
+    _write(task_id, str(state), end)
+
+
+def _write(task_id: str, what: str, write: Callable[..., None]) -> None:
+    """`write()` now; if Redis does not answer, `write(late=True)` from the outbox,
+    until it does. Behind any earlier write of the task still waiting there."""
+    if not _outbox.holds(task_id):
+        try:
+            write()
+            return
+        except CONNECTION_ERRORS:
+            pass
+        except Exception:
+            log.warning("progress-sse could not store the %s event of task %s", what, task_id, exc_info=True)
+            return
+    _outbox.add(task_id, what, functools.partial(write, late=True))
 
 
 def _result(result: Any) -> Any:
@@ -346,6 +407,7 @@ _HANDLERS = (
     (signals.task_prerun, _on_prerun),
     (signals.worker_ready, _on_worker_ready),
     (signals.worker_shutdown, _on_worker_shutdown),
+    (signals.worker_process_shutdown, _on_process_shutdown),
     (signals.task_retry, _on_retry),
     (signals.task_success, _on_success),
     (signals.task_failure, _on_failure),

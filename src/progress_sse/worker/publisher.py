@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,10 @@ from ..events import TERMINAL_STATES, State, dumps, finite_number, make_event
 from ..keys import Keys
 
 log = logging.getLogger(__name__)
+
+# What a write that Redis never saw raises (a stopped, restarting or unreachable Redis):
+# worth trying again later, unlike a refused command. BusyLoadingError is a ConnectionError.
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 # The terminal states, as the Lua test `prev == 'success' or …`: generated from the
 # one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
@@ -41,16 +45,24 @@ if prev then
   -- `queued` only opens a log: a retry publishes the task again under the same id.
   if ARGV[3] == 'queued' then return 0 end
 end
+-- Stored only from these states when given: '|queued|', '|-|' for a task without one.
+if ARGV[9] ~= '' and not string.find(ARGV[9], '|' .. (prev or '-') .. '|', 1, true) then return 0 end
 local ttl = tonumber(ARGV[5])
 local seq = redis.call('INCR', KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'latest', ARGV[4], 'eid', ARGV[8])
-if #ARGV > 8 then redis.call('HSET', KEYS[1], unpack(ARGV, 9)) end
+if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
 redis.call('HINCRBY', KEYS[1], 'events', 1)
 if not prev then
   redis.call('HSET', KEYS[1], 'created_at', ARGV[7])
   redis.call('ZADD', KEYS[4], ARGV[7], ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[7]) - ttl))
+end
+if ARGV[3] == 'queued' then
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (tonumber(ARGV[7]) - ttl))
+elseif prev == 'queued' then
+  redis.call('ZREM', KEYS[5], ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -68,9 +80,13 @@ class Publisher:
     # Seconds a task's keys live after its last event, and events kept per task.
     history_ttl: int = field(default=86_400, kw_only=True)
     history_max: int = field(default=10_000, kw_only=True)
+    # What it was made from, when `from_settings` made it: the web's reaper reads its
+    # broker and queued timeout there (web/reaper.py).
+    settings: Settings | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         self._append = self.client.register_script(_APPEND)
+        self._unreachable = False  # publish_quietly's: whether the last attempt found Redis away
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
@@ -79,14 +95,22 @@ class Publisher:
             Keys(settings.key_prefix),
             history_ttl=settings.history_ttl,
             history_max=settings.history_max,
+            settings=settings,
         )
 
-    def publish(self, event: Mapping[str, Any], **fields: str | float | int) -> int | None:
+    def publish(
+        self,
+        event: Mapping[str, Any],
+        *,
+        only_if: Collection[State | None] = (),
+        **fields: str | float | int,
+    ) -> int | None:
         """Store and announce `event`; extra `fields` go into the task's state hash.
 
         Returns the event's cursor, or None when the task was already terminal (or a
-        second `queued` came): the event was refused and nothing changed. Raises on
-        Redis errors; the signal handlers use `publish_quietly`.
+        second `queued` came), or, with `only_if`, was in none of those states (None:
+        no state yet): the event was refused and nothing changed. Raises on Redis
+        errors; the signal handlers use `publish_quietly`.
         """
         task_id = str(event["task_id"])
         state = str(event["state"])
@@ -103,6 +127,7 @@ class Publisher:
                 self.keys.log(task_id),
                 self.keys.seq,
                 self.keys.recent,
+                self.keys.queued,
             ],
             args=[
                 self.keys.channel(task_id),
@@ -113,15 +138,30 @@ class Publisher:
                 self.history_max,
                 event["ts"],
                 uuid.uuid4().hex,  # makes a retried call idempotent
+                "".join(f"|{state or '-'}|" for state in only_if),
                 *pairs,
             ],
         )
         return int(seq) or None
 
     def publish_quietly(self, event: Mapping[str, Any], **fields: str | float | int) -> int | None:
-        """`publish` that logs instead of raising: for code running inside Celery."""
+        """`publish` that logs instead of raising: for code running inside Celery.
+
+        While Redis is unreachable only the first failure is logged with its
+        traceback, not each of the 20 progress events a second a task may send."""
         try:
-            return self.publish(event, **fields)
+            seq = self.publish(event, only_if=(), **fields)
+        except CONNECTION_ERRORS as exc:
+            if not self._unreachable:
+                self._unreachable = True
+                log.warning(
+                    "progress-sse could not store the %s event of task %s: Redis does not answer "
+                    "(further events are not reported until it does)",
+                    event.get("state"),
+                    event.get("task_id"),
+                    exc_info=exc,
+                )
+            return None
         except Exception:
             log.warning(
                 "progress-sse could not store the %s event of task %s",
@@ -130,6 +170,10 @@ class Publisher:
                 exc_info=True,
             )
             return None
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("progress-sse stores events again: Redis answers")
+        return seq
 
     def finish(
         self,
@@ -139,10 +183,11 @@ class Publisher:
         *,
         counts: tuple[float, float | None] | None = None,
         message: str | None = None,
+        only_if: Collection[State | None] = (),
         **extra: Any,
     ) -> int | None:
         """End the task's run with `state` (a terminal state, or `retry`): the one
-        way the bridge, a cancel and the reaper end a task.
+        way the bridge, a cancel and the reaper end a task. `only_if`: as `publish`'s.
 
         The event carries the last known counts, so a determinate bar stays
         determinate (and is full on success): `counts` (current, total) when the
@@ -161,7 +206,8 @@ class Publisher:
             current = total
         try:
             return self.publish(
-                make_event(task_id, name, state, current=current, total=total, message=message, **extra)
+                make_event(task_id, name, state, current=current, total=total, message=message, **extra),
+                only_if=only_if,
             )
         finally:  # even when the write failed: the task is no longer running here
             self.task_ended(task_id)
@@ -220,4 +266,5 @@ class Publisher:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.state(task_id), self.keys.log(task_id))
         pipe.zrem(self.keys.recent, task_id)
+        pipe.zrem(self.keys.queued, task_id)
         pipe.execute()
