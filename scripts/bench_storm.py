@@ -46,6 +46,7 @@ from typing import Any
 
 import aiohttp
 import redis
+from bench_fanout import raise_fd_limit  # this directory is first on sys.path when run as a script
 
 from progress_sse.cli.decoder import SSEDecoder
 from progress_sse.cli.embedded import free_port, listening
@@ -212,6 +213,7 @@ class Publishing(threading.Thread):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    raise_fd_limit(args.clients + 512)  # inherited by the clients' process and the web
     prefix = f"bench-storm-{uuid.uuid4().hex[:8]}"
     settings = Settings(redis_url=args.redis_url, broker_url=args.redis_url, key_prefix=prefix)
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)

@@ -532,3 +532,17 @@ async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> No
     assert await watcher.next(0) == late
     watcher.resume()  # not held any more: nothing happens
     assert await watcher.next(0) is None
+
+
+async def test_each_watcher_registered_moves_the_generation_on(
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+) -> None:
+    """A read issued before a watcher was registered has a lower generation than the
+    watcher's `confirmed`, even on a channel subscribed long before: so no stream
+    shares a read that may have missed its events (web/delivery.py SharedReads)."""
+    h = await make_hub()
+    task_id = new_task()
+    async with h.hub.watch([task_id]) as first:
+        before = h.hub.generation
+        async with h.hub.watch([task_id]) as second:  # the channel is subscribed already
+            assert first.confirmed <= before < second.confirmed == h.hub.generation

@@ -186,24 +186,39 @@ class _Reads:
 
 
 class _Hub:
-    generation = 5
+    def __init__(self) -> None:
+        self.generation = 5
 
 
-async def test_streams_share_a_read_only_if_it_began_after_their_subscription() -> None:
+async def test_streams_share_a_read_only_if_it_was_issued_after_they_subscribed() -> None:
+    """Hub.watch moves the generation on for each watcher it registers; a read
+    records the generation when it is issued, one turn of the loop after it was
+    asked for."""
     reads, hub = _Reads(), _Hub()
     shared = SharedReads(reads, hub)  # type: ignore[arg-type]
-    first = asyncio.ensure_future(shared.start(["t"], 7, (), not_before=5))
-    await asyncio.sleep(0)  # the first read is issued, at generation 5
-    joined = asyncio.ensure_future(shared.start(["t"], 7, (), not_before=5))
-    hub.generation = 6  # a later subscription: a read issued before it may miss its events
-    later = asyncio.ensure_future(shared.start(["t"], 7, (), not_before=6))
-    other_cursor = asyncio.ensure_future(shared.start(["t"], 8, (), not_before=5))
-    await asyncio.sleep(0)
+
+    async def ask(cursor: int, not_before: int) -> asyncio.Future[Start]:
+        asked = asyncio.ensure_future(shared.start(["t"], cursor, (), not_before=not_before))
+        await asyncio.sleep(0)  # its turn: it joins a read or starts one
+        return asked
+
+    first = await ask(7, 5)
+    hub.generation = 6  # a watcher registered before the read was issued: it may join
+    early = await ask(7, 6)
+    for _ in range(10):  # the read is issued a turn after it was asked for
+        if reads.calls:
+            break
+        await asyncio.sleep(0)
+    assert reads.calls == 1, "issued, at generation 6"
+    joined = await ask(7, 6)
+    hub.generation = 7  # registered after the read was issued: it may have missed an event
+    late = await ask(7, 7)
+    other_cursor = await ask(8, 5)
     reads.release.set()
-    results = await asyncio.gather(first, joined, later, other_cursor)
-    assert reads.calls == 3 and shared.shared == 1
-    assert results[0] is results[1], "one read, shared"
-    assert results[2] is not results[0] and results[3] is not results[0]
+    results = await asyncio.gather(first, early, joined, late, other_cursor)
+    assert reads.calls == 3 and shared.shared == 2
+    assert results[0] is results[1] is results[2], "one read, shared by those it covers"
+    assert results[3] is not results[0] and results[4] is not results[0]
 
 
 async def test_a_shared_read_outlives_the_stream_that_began_it() -> None:

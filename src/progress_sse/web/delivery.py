@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 # as final, but comes back after an ended 200. The delay is spread at random so the
 # clients a failure sent away do not return at the same instant.
 RETRY_LATER_MS = (1_000, 5_000)
+# The most a stream writes at once: each piece must drain within the write timeout.
+# The size of asyncio's default high-water mark, so one piece waits on one drain.
+WRITE_PIECE = 64 * 1024
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -107,14 +110,17 @@ class Live:
         self._deadline = self._clock() + (expires - time.time())  # on the loop's clock
 
     async def write(self, data: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.write_timeout):
-                await self.response.write(data)
-        except TimeoutError:
-            transport = self.request.transport
-            if transport is not None:
-                transport.abort()
-            raise ClientStalled(f"no bytes accepted for {self.write_timeout:g}s") from None
+        # In pieces, each with the whole timeout: a client that reads slowly but
+        # steadily is not one that accepts nothing.
+        for start in range(0, len(data), WRITE_PIECE):
+            try:
+                async with asyncio.timeout(self.write_timeout):
+                    await self.response.write(data[start : start + WRITE_PIECE])
+            except TimeoutError:
+                transport = self.request.transport
+                if transport is not None:
+                    transport.abort()
+                raise ClientStalled(f"no bytes accepted for {self.write_timeout:g}s") from None
         self._last_write = self._clock()
 
     async def send(self, frames: Iterable[Frame], before: bytes = b"") -> None:
@@ -183,40 +189,57 @@ class Opened:
         return self.response
 
 
+class _Read:
+    """One shared read: `issued` is the hub's generation when it was issued (None
+    until then), `task` the read itself."""
+
+    __slots__ = ("issued", "task")
+
+    def __init__(self) -> None:
+        self.issued: int | None = None
+        self.task: asyncio.Task[Start] | None = None
+
+
 class SharedReads:
     """Streams opening at once on the same tasks from the same cursor (a reconnect
     storm after a deploy) share one `store.start` read instead of queueing a read
     each for Redis connections.
 
-    Sharing must not cost a gap. A stream may use a read only if the read was
-    issued after every one of its channels was confirmed subscribed, the order
-    web/hub.py's `watch` guarantees for a read of its own: so it joins a read only
-    when the hub's generation at the read's start is at least its watcher's
-    `confirmed`."""
+    Sharing must not cost a gap: a stream may use a read only if the read was
+    issued after the stream's watcher was registered and subscribed (the order
+    web/hub.py's `watch` guarantees a read of its own). `Watcher.confirmed` is the
+    hub's generation just after that; a read records the generation when it is
+    issued. A read waits one turn of the event loop before it is issued, so that
+    the streams whose subscriptions were confirmed together all join it."""
 
     def __init__(self, store: Store, hub: Hub) -> None:
         self.store, self.hub = store, hub
-        self._inflight: dict[tuple[Any, ...], tuple[int, asyncio.Task[Start]]] = {}
+        self._inflight: dict[tuple[Any, ...], _Read] = {}
         self.shared = 0  # reads saved (tests and benchmarks read it)
 
     async def start(self, ids: Sequence[str], cursor: int | None, fresh: Iterable[str], *, not_before: int) -> Start:
         key = (tuple(ids), cursor, frozenset(fresh))
         found = self._inflight.get(key)
-        if found is not None and found[0] >= not_before:
+        if found is not None and found.task is not None and (found.issued is None or found.issued >= not_before):
             self.shared += 1
-            return await asyncio.shield(found[1])
-        read = asyncio.ensure_future(self.store.start(ids, cursor, key[2]))
-        entry = (self.hub.generation, read)
-        self._inflight[key] = entry
-        read.add_done_callback(lambda done: self._finished(key, entry))
+            return await asyncio.shield(found.task)
+        read = _Read()
+        read.task = asyncio.ensure_future(self._issue(read, list(ids), cursor, key[2]))
+        self._inflight[key] = read
+        read.task.add_done_callback(lambda done: self._finished(key, read))
         # Shielded: a client that goes away must not cancel the read the others share.
-        return await asyncio.shield(read)
+        return await asyncio.shield(read.task)
 
-    def _finished(self, key: tuple[Any, ...], entry: tuple[int, asyncio.Task[Start]]) -> None:
-        if self._inflight.get(key) is entry:
+    async def _issue(self, read: _Read, ids: list[str], cursor: int | None, fresh: frozenset[str]) -> Start:
+        await asyncio.sleep(0)  # the streams registered in this turn may still join
+        read.issued = self.hub.generation
+        return await self.store.start(ids, cursor, fresh)
+
+    def _finished(self, key: tuple[Any, ...], read: _Read) -> None:
+        if self._inflight.get(key) is read:
             del self._inflight[key]
-        if not entry[1].cancelled():
-            entry[1].exception()  # retrieved: an error is its waiters' to report
+        if read.task is not None and not read.task.cancelled():
+            read.task.exception()  # retrieved: an error is its waiters' to report
 
 
 class EventStream:
@@ -260,14 +283,18 @@ class EventStream:
         that cannot be served now (the process at its stream limit, Redis not
         answering before the response began) gets `try_later`; a client that
         stopped reading is let go quietly."""
-        if group is not None:
-            authorize(request, "groups", [group])
-        elif not callable(task_ids):
-            await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses the stream
-        else:
-            raise TypeError("a stream of looked-up tasks is a group's: name it")
+        try:
+            if group is not None:
+                authorize(request, "groups", [group])
+            elif not callable(task_ids):
+                await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses it all
+            else:
+                raise TypeError("a stream of looked-up tasks is a group's: name it")
+        except (RedisError, ConnectionError) as exc:  # a group's token looks its members' groups up
+            log.warning("progress-sse could not open a stream of %s: %s", request.path, exc)
+            raise try_later("Redis is not answering") from None
         if request.method == "HEAD":  # what a GET would start with, and nothing held open
-            raise web.HTTPOk(headers=SSE_HEADERS)
+            raise web.HTTPOk(text="", headers=SSE_HEADERS)
         if self.open >= self.max_streams:
             self.incidents.warning(
                 "stream limit", "progress-sse is at its limit of %d open streams: new ones are told to retry", self.open
@@ -286,7 +313,12 @@ class EventStream:
             log.info("progress-sse disconnected a client of %s: %s", request.path, exc)
         except (RedisError, HubUnavailable, ConnectionError) as exc:
             if stream is not None and stream.response is not None and stream.response.prepared:
-                raise  # mid-stream: the connection ends, and the client resumes from its cursor
+                # Mid-stream: no answer can follow the one begun. End the connection;
+                # the client resumes from its cursor.
+                log.warning("progress-sse ended a stream of %s: Redis failed mid-stream: %s", request.path, exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return
             log.warning("progress-sse could not open a stream of %s: %s", request.path, exc)
             raise try_later("Redis is not answering") from None
         finally:

@@ -8,8 +8,9 @@ that reads history afterwards cannot miss an event published in between.
 When the connection drops, the hub reconnects with backoff, subscribes again and
 then tells every watcher to resync: the watcher reads the log from its position,
 so nothing published while the connection was down is lost. A watcher whose
-buffer overflows (a slow client) is told the same thing instead of holding an
-unbounded backlog: the log is the buffer.
+inbox passes its bytes (a slow client) sheds intermediate progress, and if state
+changes alone overflow it, is told the same thing instead of holding an unbounded
+backlog: the log is the buffer (see Watcher).
 
 An idle watcher costs no Redis command at all; the hub pings only its own
 connection, and only when it has heard nothing for a while.
@@ -57,9 +58,8 @@ class Watcher:
     def __init__(self, task_ids: Iterable[str], *, limit: int) -> None:
         self.task_ids = frozenset(task_ids)
         self.closed = False
-        # The subscription generation (Hub.generation) from which every one of this
-        # watcher's channels was confirmed: a read issued at or after it is one
-        # this watcher may share (web/delivery.py).
+        # Hub.generation just after this watcher was registered and its channels
+        # confirmed: a read issued at or after it is one it may share (web/delivery.py).
         self.confirmed = 0
         self._limit = limit
         self._items: deque[Item] = deque()
@@ -149,12 +149,11 @@ class Watcher:
 
 
 class _Channel:
-    __slots__ = ("confirmed", "ready", "watchers")
+    __slots__ = ("ready", "watchers")
 
     def __init__(self) -> None:
         self.watchers: set[Watcher] = set()
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.confirmed = 0  # the Hub.generation of its latest confirmation
 
 
 class HubUnavailable(Exception):
@@ -195,8 +194,8 @@ class Hub:
         # watcher of a channel not subscribed yet is refused at once, not after
         # `subscribe_timeout` (its stream is told to retry later).
         self.down = False
-        # Counts subscription confirmations: a read issued when it stood at N started
-        # after every confirmation up to N (web/delivery.py shares such reads).
+        # Counts watchers registered and subscribed: a read issued when it stood at N
+        # covers the watchers up to N (web/delivery.py shares such reads).
         self.generation = 0
 
     async def start(self) -> None:
@@ -269,7 +268,9 @@ class Hub:
                         await asyncio.shield(self._channels[name].ready)
             except TimeoutError:
                 raise HubUnavailable("Redis did not confirm the subscription in time") from None
-            watcher.confirmed = max((self._channels[name].confirmed for name in channels), default=self.generation)
+            # A read issued from here on covers this watcher (web/delivery.py SharedReads).
+            self.generation += 1
+            watcher.confirmed = self.generation
             yield watcher
         finally:
             self._watchers.discard(watcher)
@@ -368,8 +369,6 @@ class Hub:
                 self._ready(channel)
 
     def _ready(self, channel: _Channel) -> None:
-        self.generation += 1
-        channel.confirmed = self.generation
         channel.ready.set_result(None)
 
     async def _sync(self, pubsub: Any) -> None:

@@ -57,10 +57,39 @@ from .limits import fd_limit, max_connections
 
 log = logging.getLogger(__name__)
 
+# Connections the kernel queues before they are accepted (capped by the kernel's
+# net.core.somaxconn). aiohttp's 128 is passed by a thousand clients reconnecting
+# at once after a deploy: the SYNs beyond it are retransmitted a second later,
+# which is most of such a storm's tail.
+LISTEN_BACKLOG = 1024
 # The errors asyncio's accept loop reports as "out of system resource".
 _OUT_OF_RESOURCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Every response we write ourselves carries the headers the app adds to its own.
 _SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin"}
+
+
+# What of aiohttp's internals this module builds on (RequestHandler's slots,
+# AppRunner's server factory): checked once at import, so that an aiohttp that
+# changed them fails at start with this message, not later with limits silently gone.
+_AIOHTTP_INTERNALS = {
+    RequestHandler: (
+        "_request_count",
+        "_messages",
+        "_request_in_progress",
+        "_payload_parser",
+        "_upgraded",
+        "_lingering_time",
+    ),
+    web.AppRunner: ("_make_server",),
+}
+_missing = [
+    f"{cls.__name__}.{name}" for cls, names in _AIOHTTP_INTERNALS.items() for name in names if not hasattr(cls, name)
+]
+if _missing:  # pragma: no cover - only on an aiohttp this version was not made for
+    raise ImportError(
+        f"progress_sse.web.server needs aiohttp internals this aiohttp lacks ({', '.join(_missing)}); "
+        f"install an aiohttp that progress-sse supports (see pyproject.toml)"
+    )
 
 
 class BodyTimeout(asyncio.TimeoutError):
@@ -210,6 +239,7 @@ class Server(web.Server):
         self._open: OrderedDict[Connection, None] = OrderedDict()
         self.incidents = Incidents(log)
         self._evicted_at = -float(ACCEPT_RETRY_DELAY)
+        self._refused_at = -float(ACCEPT_RETRY_DELAY)
 
     def __call__(self) -> Connection:
         # No fallback on a TypeError as aiohttp's has: a bad option fails loudly here
@@ -263,6 +293,7 @@ class Server(web.Server):
         accepts again in ACCEPT_RETRY_DELAY. Python's accept loop calls this for
         every connection of its backlog: the idle connections are closed once."""
         now = time.monotonic()
+        self._refused_at = now
         closed = 0
         if now - self._evicted_at >= ACCEPT_RETRY_DELAY:
             self._evicted_at = now
@@ -277,6 +308,17 @@ class Server(web.Server):
             ACCEPT_RETRY_DELAY,
             closed,
         )
+
+    async def accept_retry_passed(self) -> None:
+        """Wait until asyncio's pending accept retry (if the fd limit paused it) has
+        run. Nothing cancels that timer: run after its listening socket closed, it
+        fails on a closed socket and the loop logs a traceback. Bounded: a retry
+        that is refused again schedules one more, at most a few times."""
+        for _ in range(3):
+            left = self._refused_at + ACCEPT_RETRY_DELAY - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(left + 0.05)
 
 
 class Runner(web.AppRunner):
@@ -306,6 +348,11 @@ class Runner(web.AppRunner):
         loop.set_exception_handler(_accept_errors(server, self._previous_handler))
         return server
 
+    async def cleanup(self) -> None:
+        if isinstance(self.server, Server):  # before the listening sockets close
+            await self.server.accept_retry_passed()
+        await super().cleanup()
+
     async def _cleanup_server(self) -> None:
         asyncio.get_running_loop().set_exception_handler(self._previous_handler)
         await super()._cleanup_server()
@@ -331,7 +378,7 @@ def run_app(
     port: int | None = None,
     sock: socket.socket | None = None,
     reuse_port: bool | None = None,
-    backlog: int = 128,
+    backlog: int = LISTEN_BACKLOG,
     shutdown_timeout: float = 60.0,
     handle_signals: bool = True,
     print: Callable[[str], None] | None = print,
