@@ -39,6 +39,7 @@ from typing import Any
 import aiohttp
 import redis
 from aiohttp import web
+from bench_fanout import percentile, rss_kib  # this directory is first on sys.path when run as a script
 
 from progress_sse.cli.decoder import SSEDecoder
 from progress_sse.cli.embedded import free_port
@@ -63,19 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.readers, args.frozen, args.events, args.size) < 1 or args.rate <= 0:
         parser.error("every count must be >= 1, rate > 0")
     return args
-
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, int(len(ordered) * q / 100 + 0.999999) - 1)]
 
 
 # ---------------------------------------------------------------------------- readers
@@ -205,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             lat = [x * 1000 for x in got["latencies"]]
             line = (
                 f"  {frozen:>4} frozen: readers' latency median {statistics.median(lat):.1f} ms, "
-                f"p99 {percentile(lat, 99):.1f} ms; server RSS peak +{got['peak_kib'] / 1024:.1f} MiB over idle"
+                f"p99 {percentile(sorted(lat), 99):.1f} ms; server RSS peak +{got['peak_kib'] / 1024:.1f} MiB over idle"
             )
             if frozen:
                 gone = got["all_gone"]
