@@ -199,6 +199,18 @@ async def test_start_watch_with_a_start_only_token_watches_with_the_token_the_se
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_start_watch_with_an_operator_token_keeps_it_and_so_shows_the_traceback(guarded: Server) -> None:
+    """The 202's watch token would hide the traceback (watchers never see one)."""
+    token = operator_token(key=SECRET)
+    args = ("start", "demo.fail", "--kw", "after=1", "--kw", "delay=0", "--url", base(guarded), "--watch")
+    run = await run_cli(*args, env=env(PROGRESS_SSE_TOKEN=token))
+    assert run.status == 1, run
+    assert "Traceback (most recent call last):" in run.out, run.out
+    assert shows_no_token(run, token)
+
+
+@pytest.mark.e2e
 async def test_start_of_a_task_the_token_does_not_list_exits_4(guarded: Server) -> None:
     token = start_token(["demo.mystery"], key=SECRET)
     status, body = await ask(guarded, "POST", "/tasks", token, json={"name": "demo.count", "args": [], "kwargs": {}})

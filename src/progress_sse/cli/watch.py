@@ -344,8 +344,26 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
             policy=policy,
             cursor="0",
             url_flag=args.url,
-            token=started.token or token,
+            token=_watching_token(token, started.token, started.id),
         )
+
+
+def _watching_token(given: str | None, handed_back: str | None, task_id: str) -> str | None:
+    """The token to watch a task just started with: the one given when it covers the
+    task already (an operator's sees tracebacks, which the handed-back watch token
+    does not), else the one the 202 handed back, else the one given. The claims are
+    read, not checked: the server checks them."""
+    if given and handed_back:
+        import jwt
+
+        try:
+            claims = jwt.decode(given, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return handed_back
+        tasks = claims.get("tasks")
+        if claims.get("operator") is True or (isinstance(tasks, list) and task_id in tasks):
+            return given
+    return handed_back or given
 
 
 async def watch(
