@@ -38,6 +38,7 @@ from progress_sse.config import Settings
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.worker import progress
+from progress_sse.worker.outbox import Outbox
 from progress_sse.worker.progress import Coalescer, set_progress
 from progress_sse.worker.publisher import Publisher
 
@@ -84,7 +85,7 @@ def percentile(sorted_values: list[int], q: float) -> float:
 
 def bench_set_progress(args: argparse.Namespace, settings: Settings, publisher: Publisher) -> bool:
     keys = Keys(settings.key_prefix)
-    coalescer = Coalescer(publisher, max_rate=args.max_rate)
+    coalescer = Coalescer(publisher, max_rate=args.max_rate, outbox=Outbox())
     progress.configure(coalescer)
     task_id = str(uuid.uuid4())
     publisher.publish(make_event(task_id, "bench.loop", State.QUEUED))

@@ -256,6 +256,13 @@ async def test_a_task_that_ends_while_redis_is_down_ends_for_its_watchers_when_i
         events = await watcher
         assert [e["state"] for e in events][-1] == "success"
         assert events[-1]["result"] == "ended while Redis was down"
+        # The reports made during the outage collapsed to the latest, stored before the end.
+        during = [e for e in events if "while Redis was down" in (e.get("message") or "")]
+        assert [(e["state"], e["current"], e["total"]) for e in during] == [("progress", 5, 5)], events
+        assert events[-2] is during[0]
+        assert (events[-1]["current"], events[-1]["total"]) == (5, 5)
+        stored = [f["s"] for _, f in reads.xrange(keys.log(task_id))]
+        assert stored[-2:] == ["progress", "success"], stored
     finally:
         worker.stop()
         celery.close()
@@ -390,11 +397,104 @@ def test_the_outbox_stores_a_task_s_writes_in_their_order_once_redis_answers() -
 
         return attempt
 
-    box.add("t1", "started", write("t1 started"))
-    box.add("t2", "success", write("t2 success"))
+    box.add("t1", "started", write("t1 started"), size=100)
+    box.add("t2", "success", write("t2 success"), size=100)
     assert box.holds("t1") and not box.holds("t3"), "t1's end must queue behind its start"
-    box.add("t1", "success", write("t1 success"))
+    box.add("t1", "success", write("t1 success"), size=100)
     assert box.flush(0) is False and len(box) == 3  # still down: kept
     answering = True
     assert box.flush(10) is True and len(box) == 0
     assert list(dict.fromkeys(stored)) == ["t1 started", "t2 success", "t1 success"]
+
+
+class Clock:
+    """The outbox's clock, moved by the test: a write's age without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyRedis:
+    """Writes that fail with a connection error until `answering`, recorded in order."""
+
+    def __init__(self) -> None:
+        self.answering = False
+        self.stored: list[str] = []
+
+    def write(self, what: str) -> Callable[..., None]:
+        def attempt(late: bool = False) -> None:
+            if not self.answering:
+                raise redis.ConnectionError("Redis is down")
+            self.stored.append(what)
+
+        return attempt
+
+
+def test_the_outbox_collapses_a_task_s_progress_to_the_latest_in_order_with_its_state_changes() -> None:
+    box, redis_ = Outbox(), FlakyRedis()
+
+    def progress(task_id: str, value: int) -> None:
+        box.add(task_id, "progress", redis_.write(f"{task_id} progress {value}"), size=100, collapses=True)
+
+    box.add("t1", "started", redis_.write("t1 started"), size=100)
+    progress("t1", 1)
+    progress("t2", 1)
+    progress("t1", 2)  # replaces t1's 1
+    box.add("t1", "retry", redis_.write("t1 retry"), size=100)
+    progress("t1", 3)  # after the retry: kept apart from 2
+    progress("t1", 4)  # replaces 3
+    progress("t2", 2)  # replaces t2's 1
+    box.add("t1", "success", redis_.write("t1 success"), size=100)
+    assert box.flush(0) is False
+    assert len(box) == 6 and box.bytes == 600
+    redis_.answering = True
+    assert box.flush(10) is True and len(box) == 0 and box.bytes == 0 and not box.holds("t1")
+    assert list(dict.fromkeys(redis_.stored)) == [
+        "t1 started",
+        "t1 progress 2",
+        "t1 retry",
+        "t1 progress 4",
+        "t2 progress 2",
+        "t1 success",
+    ]
+
+
+def test_the_outbox_drops_writes_older_than_its_ttl_and_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    box, redis_ = Outbox(ttl=30, clock=clock), FlakyRedis()
+    box.add("t1", "started", redis_.write("t1 started"), size=100)
+    box.add("t1", "success", redis_.write("t1 success"), size=100)
+    clock.now += 20
+    box.add("t2", "started", redis_.write("t2 started"), size=100)
+    box.add("t3", "success", redis_.write("t3 success"), size=100)
+    clock.now += 11  # t1's writes are 31 s old, t2's and t3's 11 s
+    with caplog.at_level("WARNING", logger="progress_sse.worker.outbox"):
+        assert box.flush(0) is False
+        assert len(box) == 2 and box.bytes == 200 and not box.holds("t1") and box.holds("t2")
+        redis_.answering = True
+        assert box.flush(10) is True
+    assert list(dict.fromkeys(redis_.stored)) == ["t2 started", "t3 success"]
+    drops = [r.getMessage() for r in caplog.records if "dropped the" in r.getMessage()]
+    assert drops == [
+        "progress-sse dropped the started event of task t1: older than 30 s "
+        "(further drops are not logged until Redis answers)"
+    ], drops
+    assert any("2 events that waited for it were dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_the_outbox_keeps_its_bytes_bound_by_dropping_the_oldest(caplog: pytest.LogCaptureFixture) -> None:
+    box, redis_ = Outbox(max_bytes=1000), FlakyRedis()
+    with caplog.at_level("WARNING", logger="progress_sse.worker.outbox"):
+        for n in range(1, 6):
+            box.add(f"t{n}", "success", redis_.write(f"t{n} success"), size=300)
+        assert len(box) == 3 and box.bytes == 900 and not box.holds("t2") and box.holds("t3")
+        box.add("t6", "success", redis_.write("t6 success"), size=950)  # alone fits: everything older goes
+        assert len(box) == 1 and box.bytes == 950
+        redis_.answering = True
+        assert box.flush(10) is True
+    assert redis_.stored[-1:] == ["t6 success"] and set(redis_.stored) == {"t6 success"}
+    drops = [r.getMessage() for r in caplog.records if "dropped the" in r.getMessage()]
+    assert len(drops) == 1 and "task t1" in drops[0] and "more than 1000 bytes" in drops[0], drops

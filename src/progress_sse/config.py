@@ -68,6 +68,9 @@ class Settings:
     # Seconds a task may stay `queued` before, its message gone from a Redis broker, it
     # ends as lost (web/reaper.py; docs/protocol.md, States).
     queued_timeout: int = 300
+    # Seconds a worker or publisher keeps an event Redis did not take, trying it
+    # again (worker/outbox.py; docs/protocol.md, Redis outages).
+    outbox_ttl: int = 300
 
     @property
     def keyed(self) -> bool:
@@ -447,5 +450,11 @@ TABLE: tuple[Setting, ...] = (
         "PROGRESS_SSE_QUEUED_TIMEOUT",
         _positive_int,
         "seconds after which a task still queued whose message a Redis broker no longer holds ends as lost",
+    ),
+    Setting(
+        "outbox_ttl",
+        "PROGRESS_SSE_OUTBOX_TTL",
+        _positive_int,
+        "seconds a process keeps an event Redis did not take, trying it again, before dropping it",
     ),
 )

@@ -5,9 +5,10 @@
 event, with no change to the task. Handlers are connected strongly (a weak
 reference to a function defined here can be collected and then silently stops
 firing), accept `**kwargs` (Celery adds arguments over time), and never raise into
-Celery: a Redis outage costs progress events, never tasks, and a task's start and
-end wait for Redis to answer again (outbox.py). Installed in a worker, it also keeps
-the tasks the worker had prefetched through a broker outage (kombu_redis.py).
+Celery: a Redis outage costs neither tasks nor events, as a write Redis does not
+take waits in the process for Redis to answer again (outbox.py). Installed in a
+worker, it also keeps the tasks the worker had prefetched through a broker outage
+(kombu_redis.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Celery, signals
@@ -38,7 +39,7 @@ MAX_RESULT_BYTES = 64 * 1024
 
 _publisher: Publisher | None = None
 _app: Celery | None = None
-# Starts and ends that Redis did not take, tried again until it does (outbox.py).
+# Writes that Redis did not take, tried again until it does (outbox.py).
 _outbox = Outbox()
 _worker_ttl = Settings().worker_ttl
 _heartbeat: _Heartbeat | None = None
@@ -88,7 +89,8 @@ def install(
     _publisher = publisher
     _app = app
     _worker_ttl = settings.worker_ttl
-    progress.configure(Coalescer(publisher, max_rate=settings.max_rate))
+    _outbox.ttl = settings.outbox_ttl
+    progress.configure(Coalescer(publisher, max_rate=settings.max_rate, outbox=_outbox))
     # A worker's prefetched tasks survive a Redis broker outage (kombu_redis's docstring).
     kombu_redis.apply()
     for signal, handler in _HANDLERS:
@@ -190,7 +192,12 @@ def _on_before_publish(
         except Exception:
             log.warning("progress-sse could not record group %s", group_id, exc_info=True)
         fields["group"] = str(group_id)
-    publisher.publish_quietly(make_event(str(task_id), str(name), State.QUEUED), **fields)
+    event = make_event(str(task_id), str(name), State.QUEUED)
+
+    def queue(late: bool = False) -> None:
+        publisher.publish(event, only_if=(), **fields)
+
+    _write(str(task_id), "queued", queue, event)
 
 
 def _broker_fingerprint() -> str:
@@ -239,7 +246,7 @@ def _on_prerun(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
         if fields["worker"]:
             publisher.task_running(task_id, fields["worker"], _instance)
 
-    _write(task_id, "started", start)
+    _write(task_id, "started", start, event)
 
 
 @_never_raises
@@ -375,12 +382,13 @@ def _finish(task_id: str, name: str | None, state: State, *, message: str | None
     def end(late: bool = False) -> None:
         publisher.finish(task_id, name, state, counts=counts, message=message, ts=ts, **extra)
 
-    _write(task_id, str(state), end)
+    _write(task_id, str(state), end, {"message": message, **extra})
 
 
-def _write(task_id: str, what: str, write: Callable[..., None]) -> None:
+def _write(task_id: str, what: str, write: Callable[..., None], sized: Mapping[str, Any]) -> None:
     """`write()` now; if Redis does not answer, `write(late=True)` from the outbox,
-    until it does. Behind any earlier write of the task still waiting there."""
+    until it does. Behind any earlier write of the task still waiting there.
+    `sized`: what the event carries, whose JSON counts against the outbox's bound."""
     if not _outbox.holds(task_id):
         try:
             write()
@@ -390,7 +398,11 @@ def _write(task_id: str, what: str, write: Callable[..., None]) -> None:
         except Exception:
             log.warning("progress-sse could not store the %s event of task %s", what, task_id, exc_info=True)
             return
-    _outbox.add(task_id, what, functools.partial(write, late=True))
+    _outbox.add(task_id, what, functools.partial(write, late=True), size=len(dumps(sized)) + _EVENT_BYTES)
+
+
+# Bytes of an event's JSON beyond what `_write` is given (id, name, state, counts, ts).
+_EVENT_BYTES = 200
 
 
 def _result(result: Any) -> Any:

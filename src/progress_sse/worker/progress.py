@@ -5,11 +5,13 @@ publishes it, at most `max_rate` times a second per task. So a tight loop of a
 million calls costs the task a lock and a tuple per call and never waits on, or
 fails because of, Redis; the latest value goes out within one interval even if the
 task then goes quiet; and the bridge flushes the last value synchronously before it
-stores the task's terminal event.
+stores the task's terminal event. A publish Redis does not take waits in the
+outbox (outbox.py), where the task's pending values collapse to the latest.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import os
@@ -19,8 +21,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..events import State, finite_number, make_event
-from .publisher import Publisher
+from ..events import State, dumps, finite_number, make_event
+from .outbox import Outbox
+from .publisher import CONNECTION_ERRORS, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ class _Slot:
 class Coalescer:
     """Rate-limits progress publishes per task; see the module docstring."""
 
-    def __init__(self, publisher: Publisher, *, max_rate: float) -> None:
+    def __init__(self, publisher: Publisher, *, max_rate: float, outbox: Outbox | None = None) -> None:
         self.publisher = publisher
+        # Where a publish Redis does not take waits; None: it is dropped (logged once).
+        self.outbox = outbox
         self.interval = 1.0 / max_rate
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
@@ -116,8 +121,19 @@ class Coalescer:
                 slot.pending = False
                 current, total, message = slot.last
             event = make_event(task_id, slot.name, State.PROGRESS, current=current, total=total, message=message)
+            outbox = self.outbox
             try:
-                self.publisher.publish_quietly(event)
+                if outbox is None:
+                    self.publisher.publish_quietly(event)
+                    return
+                if not outbox.holds(task_id):  # else behind the task's writes already waiting
+                    try:
+                        self.publisher.publish(event)
+                        return
+                    except CONNECTION_ERRORS:
+                        pass
+                write = functools.partial(self.publisher.publish, event)
+                outbox.add(task_id, "progress", write, size=len(dumps(event)), collapses=True)
             except Exception:  # the thread must outlive any publisher, and a flush never raise
                 log.warning("progress-sse could not publish progress of task %s", task_id, exc_info=True)
 
