@@ -37,6 +37,7 @@ from progress_sse.worker.publisher import Publisher
 
 from .conftest import worker_env
 from .sse import SSEReader
+from .test_dev import alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT")]
 
@@ -65,31 +66,30 @@ class Output:
                 self._queue.put(line)
         self._queue.put(None)
 
+    def _next(self, timeout: float, waiting_for: str) -> str | None:
+        """The next line (kept in `lines`), or None at the end of the output."""
+        if self._ended:
+            return None
+        try:
+            line = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {waiting_for} after {timeout} s:\n{self.text}") from None
+        if line is None:
+            self._ended = True
+            return None
+        self.lines.append(line.rstrip("\n"))
+        return self.lines[-1]
+
     def wait_for(self, predicate: Callable[[str], bool], timeout: float = 60) -> str:
-        while not self._ended:
-            try:
-                line = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no such line after {timeout} s:\n{self.text}") from None
-            if line is None:
-                self._ended = True
-                break
-            self.lines.append(line.rstrip("\n"))
-            if predicate(self.lines[-1]):
-                return self.lines[-1]
+        while (line := self._next(timeout, "such line")) is not None:
+            if predicate(line):
+                return line
         raise AssertionError(f"the output ended without such a line:\n{self.text}")
 
     def rest(self, timeout: float = 30) -> str:
         """Everything, once the process has closed its output."""
-        while not self._ended:
-            try:
-                line = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"the output did not end after {timeout} s:\n{self.text}") from None
-            if line is None:
-                self._ended = True
-            else:
-                self.lines.append(line.rstrip("\n"))
+        while self._next(timeout, "end of the output") is not None:
+            pass
         return self.text
 
     @property
@@ -174,14 +174,6 @@ def hub_connections(redis_client: redis.Redis, settings: Settings) -> int:
 def subscribers(redis_client: redis.Redis, keys: Keys, task_id: str) -> int:
     [(_, count)] = redis_client.pubsub_numsub(keys.channel(task_id))
     return int(count)
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def streams_on_both(

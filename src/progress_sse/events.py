@@ -168,17 +168,20 @@ class Frame:
         object.__setattr__(self, "encoded", encode_sse(id=str(self.seq), event=self.state, data=self.data))
 
     def encoded_for_watcher(self, *, messages: bool) -> bytes:
-        """`encoded`, as a watcher may see it (for_watcher). A frame whose JSON names
-        none of the fields for_watcher changes is its one encoding (the test is on
-        the text: a false alarm only costs a parse)."""
-        if not any(name in self.data for name in _WATCHER_HIDES):
-            return self.encoded
+        """`encoded`, as a watcher may see it (for_watcher), worked out once per frame
+        and then shared by every watcher. A frame whose JSON names none of the fields
+        for_watcher changes is its one encoding (the test is on the text: a false
+        alarm only costs a parse)."""
         cached = self._watcher_encoded.get(messages)
         if cached is None:
-            payload = self.payload()
-            seen = for_watcher(payload, messages=messages)
-            data = self.data if seen is payload else dumps(seen)
-            cached = self._watcher_encoded[messages] = encode_sse(id=str(self.seq), event=self.state, data=data)
+            if not any(name in self.data for name in _WATCHER_HIDES):
+                cached = self.encoded
+            else:
+                payload = self.payload()
+                seen = for_watcher(payload, messages=messages)
+                data = self.data if seen is payload else dumps(seen)
+                cached = encode_sse(id=str(self.seq), event=self.state, data=data)
+            self._watcher_encoded[messages] = cached
         return cached
 
     @property
