@@ -61,6 +61,7 @@ from aiohttp import web
 
 from progress_sse.config import Settings
 from progress_sse.connections import hub_client_name, sync_client
+from progress_sse.cursors import parse_id
 from progress_sse.events import State, make_event
 from progress_sse.web import HUB, REDIS, create_app
 from progress_sse.worker.publisher import Publisher
@@ -211,7 +212,7 @@ async def _one_client(
                 if data is None:
                     continue  # end of a comment-only frame
                 now = result.last_receipt = time.time()
-                seq = int(frame_id) if frame_id is not None else -1
+                seq = parse_id(frame_id).n if frame_id is not None else -1
                 if seq <= last_id:
                     result.in_order = False
                 last_id = seq

@@ -51,6 +51,7 @@ from bench_fanout import raise_fd_limit  # this directory is first on sys.path w
 from progress_sse.cli.decoder import SSEDecoder
 from progress_sse.cli.embedded import free_port, listening
 from progress_sse.config import Settings
+from progress_sse.cursors import parse_id
 from progress_sse.events import State, make_event
 from progress_sse.worker.publisher import Publisher
 
@@ -122,7 +123,7 @@ class Client:
     def _frame(self, frame_id: str | None, event: str, data: str) -> None:
         assert frame_id is not None, "every task frame has an id"
         self.cursor = frame_id
-        self.frames.append((int(frame_id), event))
+        self.frames.append((parse_id(frame_id).n, event))
         if self.restarted and self.resumed_at is None:
             self.resumed_at = time.time()
         if event in ("success", "failure", "revoked", "lost"):

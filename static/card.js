@@ -13,6 +13,7 @@ const WORDS = {
   revoked: "cancelled",
   lost: "lost",
   unknown: "unknown",
+  "history-lost": "history lost", // not a protocol state: see markHistoryLost
 };
 // Terminal states also get a symbol, so colour is never the only signal.
 const SYMBOLS = { success: "✓", failure: "✗", revoked: "⊘", lost: "?" };
@@ -97,6 +98,7 @@ export function makeGroupCard(card) {
 export function showEvent(card, event) {
   const { refs } = card;
   const changed = event.state !== card.state;
+  if (card.state === "history-lost") refs.notice.hidden = true; // news at last
   card.state = event.state;
   card.last = event;
   card.node.dataset.state = event.state;
@@ -155,6 +157,23 @@ export function markUnknown(card) {
   card.refs.cancel.hidden = true;
   card.refs.bar.value = 0;
   notice(card, "The server does not know this task (its history may have expired).");
+}
+
+/**
+ * The server lost the task's history and no state of it survived (a `reset` that
+ * lists it as missing): the old figures no longer stand, and the task may still be
+ * running, so the card empties its bar and waits for the task's next event.
+ */
+export function markHistoryLost(card) {
+  const { refs } = card;
+  card.state = "history-lost";
+  card.last = null; // no estimate from figures that no longer stand
+  card.node.dataset.state = "history-lost";
+  refs.state.textContent = label("history-lost");
+  refs.bar.max = 1;
+  refs.bar.value = 0;
+  for (const part of [refs.count, refs.percent, refs.eta, refs.attempt, refs.message]) part.textContent = "";
+  notice(card, "The server lost this task's history; waiting for news of it.");
 }
 
 export function notice(card, text) {

@@ -77,6 +77,18 @@ export class WatchedGroups {
     for (const id of memberIds) this.groupOf.set(id, groupId);
   }
 
+  /**
+   * Forget a member's latest event (its history was lost). Returns the group's
+   * event without it, or null for a task that is in no followed group.
+   */
+  forget(taskId) {
+    const groupId = this.groupOf.get(taskId);
+    const group = this.groups.get(groupId);
+    if (!group) return null;
+    group.members.delete(taskId);
+    return this.bar(groupId, group, Date.now() / 1000);
+  }
+
   /** Stop following a group; returns its member ids. */
   drop(groupId) {
     this.groups.delete(groupId);
@@ -99,6 +111,11 @@ export class WatchedGroups {
     const group = this.groups.get(groupId);
     if (!group) return null;
     group.members.set(event.task_id, event);
+    return this.bar(groupId, group, event.ts);
+  }
+
+  // The group's card event, in the shape of a task event.
+  bar(groupId, group, ts) {
     const bar = aggregate(group.members.values(), group.size);
     return {
       task_id: groupId,
@@ -108,7 +125,7 @@ export class WatchedGroups {
       total: bar.total,
       percent: bar.percent,
       message: bar.message,
-      ts: event.ts,
+      ts,
     };
   }
 }

@@ -13,7 +13,7 @@
 // one stream for everything, as before. Each task's Watch is remembered, so a
 // task stays on the stream it was added to.
 import { accessProblem, ApiError, createApi } from "./api.js";
-import { announcement, createCard, makeGroupCard, markUnknown, notice, showEvent, tick } from "./card.js";
+import { announcement, createCard, makeGroupCard, markHistoryLost, markUnknown, notice, showEvent, tick } from "./card.js";
 import { InputError, valuesOf } from "./forms.js";
 import { groupName, WatchedGroups } from "./groups.js";
 import { isTaskId, isTerminal, watch } from "./progress.js";
@@ -87,6 +87,7 @@ function streamWith(token) {
         const card = cards.get(task_id);
         if (card) markUnknown(card);
       },
+      onReset: showReset,
       onStatus: (status) => {
         statuses.set(stream, status);
         showStatus();
@@ -122,6 +123,20 @@ function watchTask(taskId, seed = null) {
 function unwatchTask(taskId) {
   watchedBy.get(taskId)?.remove(taskId);
   watchedBy.delete(taskId);
+}
+
+// The server's history started over. The known tasks' current states follow as
+// ordinary events and redraw their cards; a task with no state left shows that it
+// waits for news, and its group no longer counts its old figures.
+function showReset({ message, missing }) {
+  for (const taskId of missing) {
+    const card = cards.get(taskId);
+    // An end (or an id the server never knew) stays as shown: no news will come.
+    if (card && !isTerminal(card.state) && card.state !== "unknown") markHistoryLost(card);
+    const groupEvent = groups.forget(taskId);
+    if (groupEvent) show(groupEvent);
+  }
+  if (missing.length > 0) announcer.textContent = message;
 }
 
 function showStatus() {

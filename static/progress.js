@@ -8,6 +8,10 @@
 //
 // Every callback receives the event object of the protocol (task_id, name, state,
 // current, total, percent, message, ts, …), never a DOM node.
+//
+// Event ids (cursors) are strings `<epoch>-<n>`: `n` counts events within one
+// history of the server's log, the epoch names that history. Only ids of the same
+// epoch compare; an id of another epoch is a new history (see `isAfter`).
 
 export const TERMINAL_STATES = Object.freeze(["success", "failure", "revoked", "lost"]);
 const STATES = ["queued", "started", "progress", "retry", ...TERMINAL_STATES];
@@ -24,6 +28,10 @@ const HANDLER_FOR = {
 // The server's rule for task ids (src/progress_sse/keys.py).
 const TASK_ID = /^[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,199}$/;
 const MAX_TASKS_PER_STREAM = 100;
+// `<epoch>-<n>`, split at the last `-`; a bare `<n>` (a server from before epochs,
+// or the cursor `0`) is of the epoch "". BigInt: `n` may pass 2^53, where Numbers
+// stop telling ids apart.
+const EVENT_ID = /^(?:(.*)-)?(\d+)$/;
 // A connection open this long (ms) counts as healthy even without an event.
 const HEALTHY_AFTER = 5000;
 
@@ -33,6 +41,19 @@ export function isTerminal(state) {
 
 export function isTaskId(value) {
   return typeof value === "string" && TASK_ID.test(value);
+}
+
+/**
+ * Whether event id `id` comes after `than` (null: nothing yet). Within one epoch
+ * the larger `n` is later; an id of another epoch always counts as later, since
+ * it belongs to a new history and what came before no longer counts.
+ */
+export function isAfter(id, than) {
+  if (than == null) return true;
+  const a = EVENT_ID.exec(String(id));
+  const b = EVENT_ID.exec(String(than));
+  if (!a || !b || (a[1] ?? "") !== (b[1] ?? "")) return true; // not of this history
+  return BigInt(a[2]) > BigInt(b[2]);
 }
 
 /** Watch tasks on one EventSource. See `Watch` for the handlers and options. */
@@ -46,7 +67,7 @@ export function watch(taskIds = [], handlers = {}, options = {}) {
  * `options` are those of `watch`, plus its handlers (`onEvent`, `onSuccess`, …).
  */
 export function bindProgress(element, taskId, options = {}) {
-  const { onEvent, onUnknown } = options;
+  const { onEvent, onUnknown, onReset } = options;
   return watch([taskId], {
     ...options,
     onEvent: (event) => {
@@ -56,6 +77,10 @@ export function bindProgress(element, taskId, options = {}) {
     onUnknown: (event) => {
       element.value = 0; // nothing to show: stop the indeterminate animation
       onUnknown?.(event);
+    },
+    onReset: (reset) => {
+      if (reset.missing.includes(taskId)) element.value = 0; // its old progress is gone
+      onReset?.(reset);
     },
   }, options);
 }
@@ -84,6 +109,12 @@ export function applyToProgress(element, event) {
  * Handlers (all optional): onEvent(event) for every event, then onQueued,
  * onStarted, onProgress, onRetry, onSuccess, onFailure, onRevoked, onLost by
  * state; onUnknown({task_id}) for an id the server does not know;
+ * onReset({reason, message, missing}) when the server lost the history the stream
+ * followed, or could not place its cursor in the current one: the current state of
+ * every known task follows (through onEvent as usual, applied even if it looks
+ * older than what came before), and the tasks in `missing` have no state left
+ * (their `state` is null again: they keep streaming, and their next event, if
+ * any, comes as usual);
  * onStatus(status) with "connecting", "live", "reconnecting", "idle" or "closed";
  * onDone() once every task has ended; onTokenError(error) when `getToken` failed
  * (threw, or gave no token; without this handler it goes to console.warn).
@@ -124,8 +155,9 @@ export class Watch {
     this.getToken = typeof options.getToken === "function" ? options.getToken : null;
     this.renewed = false; // getToken() was called for the current run of failures
     this.renewal = null; // the getToken() call in flight, if any
-    this.tasks = new Map(); // id -> { state, lastId }
-    this.cursor = null; // the highest event id seen: one cursor covers every task
+    this.tasks = new Map(); // id -> { state, lastId, covered }
+    this.cursor = null; // the latest event id seen (see isAfter): one cursor covers every task
+    this.cursorLost = false; // a reset came: the next id starts the cursor over, whatever it is
     this.source = null;
     this.streaming = new Set();
     this.timer = null;
@@ -175,7 +207,7 @@ export class Watch {
   }
 
   _track(taskId, seed = null) {
-    const lastId = seed?.cursor != null ? Number(seed.cursor) : null;
+    const lastId = seed?.cursor != null ? String(seed.cursor) : null;
     // `covered`: the stream's cursor accounts for this task, because the stream
     // delivered one of its frames. Until then a reopen asks for its current state.
     this.tasks.set(taskId, { state: seed?.state ?? null, lastId, covered: false });
@@ -203,7 +235,7 @@ export class Watch {
     if (this.cursor != null) {
       // Reopening: every event after the cursor, and the current state of the
       // tasks the cursor does not cover yet (added since, or not heard from).
-      params.set("last_event_id", String(this.cursor));
+      params.set("last_event_id", this.cursor);
       for (const id of ids) if (!this.tasks.get(id).covered) params.append("fresh", id);
     }
     if (this.token) params.set("token", this.token);
@@ -228,11 +260,19 @@ export class Watch {
       if (!opened && this.getToken && !this.renewed) this._renew();
       else this._retry();
     };
-    for (const state of [...STATES, "unknown"]) {
-      source.addEventListener(state, (message) => {
-        if (source === this.source) this._receive(message);
+    // EventSource keeps the last `id:` for frames that have none, so a frame whose
+    // lastEventId is the previous frame's carried no id (a reset, an unknown, a
+    // state that survived an older history).
+    let previousId = "";
+    const listen = (type, receive) =>
+      source.addEventListener(type, (message) => {
+        if (source !== this.source) return;
+        const id = message.lastEventId !== previousId ? message.lastEventId : null;
+        previousId = message.lastEventId;
+        receive(message, id);
       });
-    }
+    for (const state of [...STATES, "unknown"]) listen(state, (message, id) => this._receive(message, id));
+    listen("reset", (message) => this._reset(JSON.parse(message.data)));
   }
 
   _retry() {
@@ -276,7 +316,8 @@ export class Watch {
     this._retry();
   }
 
-  _receive(message) {
+  // `id`: the frame's own event id, null if it had none.
+  _receive(message, id) {
     this.backoff = this.initialBackoff; // a healthy connection: the next failure starts over
     const event = JSON.parse(message.data);
     const task = this.tasks.get(event.task_id);
@@ -286,10 +327,15 @@ export class Watch {
       task.state = "unknown";
       this._call("onUnknown", event);
     } else {
-      const id = Number(message.lastEventId);
-      this.cursor = this.cursor == null ? id : Math.max(this.cursor, id);
-      if (task.lastId != null && id <= task.lastId) return; // seen already
-      task.lastId = id;
+      // A state without an id (one that survived an older history) is applied, but
+      // names no position to resume from.
+      if (id != null) {
+        // The states of added tasks may come with older ids: the cursor never goes back.
+        if (this.cursorLost || isAfter(id, this.cursor)) this.cursor = id;
+        this.cursorLost = false;
+        if (task.lastId != null && !isAfter(id, task.lastId)) return; // seen already
+        task.lastId = id;
+      }
       task.state = event.state;
       this._call("onEvent", event);
       this._call(HANDLER_FOR[event.state], event);
@@ -303,6 +349,27 @@ export class Watch {
     } else if (isDone(task.state) && pending.some((id) => !this.streaming.has(id))) {
       this._schedule(); // a slot is free for a task waiting beyond the first 100
     }
+  }
+
+  // The server's history started over: what each task "has seen" no longer counts,
+  // so the current states that follow are applied whatever their ids. The cursor
+  // stays (a reopen before the next id is told of the reset again), and the next
+  // id replaces it: a position in the new history.
+  _reset(reset) {
+    this.backoff = this.initialBackoff;
+    this.cursorLost = true;
+    const missing = Array.isArray(reset.missing) ? reset.missing : [];
+    for (const id of this.streaming) {
+      const task = this.tasks.get(id);
+      if (!task || isDone(task.state)) continue; // an end seen stays an end
+      task.lastId = null;
+      // A known task is covered again once its current state comes. A missing one
+      // has no state to ask for: the reset was the stream's word on it, and its
+      // next event comes after the cursor. Its state is null: not done, still streamed.
+      task.covered = missing.includes(id);
+      if (task.covered) task.state = null;
+    }
+    this._call("onReset", { reason: reset.reason, message: reset.message ?? "", missing });
   }
 
   _call(name, ...args) {

@@ -9,6 +9,7 @@ they made: never FLUSHDB/FLUSHALL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,20 +18,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
 import redis
+from celery import Celery
 
 from progress_sse.cli.embedded import EmbeddedRedis, answers
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
 from progress_sse.keys import Keys
 from progress_sse.web import create_app
+from progress_sse.worker.celery_app import make_celery
 from progress_sse.worker.publisher import Publisher
 
 from .redis_cleanup import forget_run
+from .redis_servers import RestartableRedis
 
 TEST_DB = 13
 
@@ -155,6 +159,44 @@ class Worker:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+
+
+@pytest.fixture
+def forgetful_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    """A redis-server of the test's own that loses its data when it restarts."""
+    server = RestartableRedis(tmp_path / "forgetful", persistent=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class Rig(NamedTuple):
+    """A real worker on a test's own settings, and what the test drives it with."""
+
+    worker: Worker
+    publisher: Publisher
+    celery: Celery
+    reads: redis.Redis  # of the events' Redis: text, and fails fast while it is down
+
+
+@contextlib.contextmanager
+def worker_rig(settings: Settings, log_path: Path, *, concurrency: int = 2, app: str | None = None) -> Iterator[Rig]:
+    """For tests that break what a worker depends on: it is theirs alone."""
+    rig = Rig(
+        Worker(settings, log_path, concurrency, app),
+        Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix)),
+        make_celery(settings),
+        redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2),
+    )
+    try:
+        yield rig
+    finally:
+        rig.worker.stop()
+        rig.celery.close()
+        rig.publisher.client.close()
+        rig.reads.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from progress_sse.cli.decoder import SSEDecoder
+from progress_sse.cursors import parse_id
 from progress_sse.events import TERMINAL_STATES
 
 
@@ -98,3 +99,39 @@ class SSEReader:
             while (event := await self.next_event(timeout)) is not None:
                 events.append(event)
         return events
+
+
+def numbers(events: list[SSEEvent]) -> list[int]:
+    """The events' cursor numbers, once it is checked they belong to one history."""
+    found = [parse_id(str(e.id)) for e in events]
+    assert len({p.epoch for p in found}) <= 1, f"ids of more than one history: {found}"
+    return [p.n for p in found]
+
+
+async def follow(
+    session: aiohttp.ClientSession, url: str, tasks: list[str], *, cursor: str | None = None, timeout: float = 90
+) -> list[SSEEvent]:
+    """Every frame of a stream as an EventSource gets them: when the stream breaks
+    or ends before each of `tasks` has ended, reconnect with the last id (after
+    0.2 s, its retry delay: the client's manners, not a wait for anything)."""
+    frames: list[SSEEvent] = []
+    ended: set[str] = set()
+    async with asyncio.timeout(timeout):
+        while ended != set(tasks):
+            headers = {"Last-Event-ID": cursor} if cursor else {}
+            try:
+                async with session.get(url, headers=headers) as resp:
+                    if resp.status == 204:
+                        break
+                    if resp.status == 200:
+                        reader = SSEReader(resp)
+                        while (event := await reader.next_event(timeout)) is not None:
+                            frames.append(event)
+                            cursor = event.id or cursor
+                            if event.terminal:
+                                ended.add(event.payload["task_id"])
+            except (aiohttp.ClientError, ConnectionError):
+                pass
+            if ended != set(tasks):
+                await asyncio.sleep(0.2)
+    return frames

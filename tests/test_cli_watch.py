@@ -20,22 +20,30 @@ import signal
 import struct
 import sys
 import termios
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from aiohttp import web
 from rich.console import Console
 
-from progress_sse.cli.client import Reconnecting, TaskEvent
+from progress_sse.cli.client import Reconnecting, Reset, TaskEvent
 from progress_sse.cli.embedded import free_port
 from progress_sse.cli.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
 from progress_sse.cli.watch import _stopped_watching
+from progress_sse.config import Settings
+from progress_sse.connections import sync_client
+from progress_sse.events import State, make_event
+from progress_sse.keys import Keys
+from progress_sse.worker.publisher import Publisher
 
 from .conftest import Server
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CURSOR = re.compile(r"([a-z2-7]{8})-([0-9]+)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")
 
 # Variables that would change how the CLI draws or where it connects.
@@ -139,8 +147,12 @@ async def test_json_prints_one_event_per_line_with_increasing_cursors(server: Se
     assert [e["state"] for e in events] == ["queued", "started"] + ["progress"] * (len(events) - 3) + ["success"]
     assert [e["current"] for e in events if e["state"] == "progress"][-1] == 4
     assert {e["task_id"] for e in events} == {task_id}
-    cursors = [int(e["cursor"]) for e in events]
-    assert cursors == sorted(set(cursors)), cursors
+    # `<epoch>-<n>`: one history, and `n` only increases within it.
+    positions = [CURSOR.fullmatch(e["cursor"]) for e in events]
+    assert all(positions), [e["cursor"] for e in events]
+    assert len({p[1] for p in positions if p}) == 1
+    numbers = [int(p[2]) for p in positions if p]
+    assert numbers == sorted(set(numbers)), numbers
     assert events[-1]["state"] == "success" and events[-1]["result"] == {"processed": 4}
     assert all(e["state"] != "success" for e in events[:-1])
     assert events[-1]["cursor"] == str((await server.state(task_id))["cursor"])
@@ -250,6 +262,73 @@ async def test_help_explains_every_option_and_its_environment_variable() -> None
     assert "PROGRESS_SSE_RETRY_FOR" in text
     assert "0 the task succeeded, 1 it failed, 2 it was revoked (cancelled) or lost, 3" in text
     assert "130 interrupted by Ctrl-C (the task keeps running), 141 stdout was closed early" in text
+
+
+# --- resets from the real server: a cursor of another history, a history lost ---------------
+
+
+async def read_json_line(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        line = await proc.stdout.readline()
+    assert line, "watch ended early"
+    found: dict[str, Any] = json.loads(line)
+    return found
+
+
+@pytest.mark.e2e
+async def test_a_task_missing_after_a_reset_is_watched_until_its_news_ends_it(
+    server: Server, settings: Settings
+) -> None:
+    # A cursor of another history, for a task of which nothing is known: the server
+    # says so with a reset that lists it, and keeps the stream open for its news.
+    task_id = str(uuid.uuid4())
+    proc = await spawn("watch", task_id, "--url", base(server), "--after", "zzzzzzzz-5", "--json")
+    told = await read_json_line(proc)
+    assert (told["reset"], told["missing"], told["cursor"]) == ("cursor_unknown", [task_id], "zzzzzzzz-5"), told
+    assert "state" not in told and told["message"]
+    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    try:
+        publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=1, total=2))
+        publisher.publish(make_event(task_id, "demo.count", State.SUCCESS, current=2, total=2, result=1))
+    finally:
+        publisher.client.close()
+    run = await finish(proc, timeout=30)
+    assert run.status == 0, run
+    assert [(e["state"], bool(CURSOR.fullmatch(e["cursor"]))) for e in run.json_lines()] == [
+        ("progress", True),
+        ("success", True),
+    ]
+
+
+@pytest.mark.e2e
+async def test_a_history_lost_mid_watch_is_one_line_then_the_task_goes_on_in_the_new_one(
+    make_server: Callable[..., Any], settings: Settings, redis_client: redis.Redis
+) -> None:
+    own = settings.with_(key_prefix=f"{settings.key_prefix}-lost{uuid.uuid4().hex[:6]}")
+    srv = await make_server(own)
+    publisher = Publisher(sync_client(own.redis_url), Keys(own.key_prefix))
+    task_id = str(uuid.uuid4())
+    try:
+        publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=1, total=4))
+        proc = await spawn("watch", task_id, "--url", base(srv), "--json")
+        before = await read_json_line(proc)
+        assert (before["state"], before["current"]) == ("progress", 1)
+        # What a Redis restart without its data does: every key gone. The next event
+        # starts a new history, and the open stream hears of it.
+        redis_client.delete(*redis_client.scan_iter(match=f"{own.key_prefix}:*"))
+        publisher.publish(make_event(task_id, "demo.count", State.PROGRESS, current=2, total=4))
+        told = await read_json_line(proc)
+        assert (told.get("reset"), told["missing"], told["cursor"]) == ("history_lost", [], before["cursor"]), told
+        publisher.publish(make_event(task_id, "demo.count", State.SUCCESS, current=4, total=4, result=1))
+        run = await finish(proc, timeout=30)
+    finally:
+        publisher.client.close()
+    assert run.status == 0, run
+    after = run.json_lines()
+    assert [(e["state"], e["current"]) for e in after] == [("progress", 2), ("success", 4)], after
+    epochs = {CURSOR.fullmatch(e["cursor"])[1] for e in [before, *after]}  # type: ignore[index]
+    assert len(epochs) == 2, "the states after the reset are of a new history"
 
 
 # --- a reader that stops early: `progress-sse watch … | head -1` ---------------------------
@@ -466,6 +545,64 @@ async def endless_task(aiohttp_server: Any) -> AsyncIterator[str]:
     done.set()
 
 
+def sse(event: str, data: dict[str, Any], event_id: str | None = None) -> bytes:
+    id_line = f"id: {event_id}\n" if event_id else ""
+    return f"{id_line}event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+LOST_MESSAGE = "The event history was lost (Redis restarted without its data). The states that follow are current."
+
+
+@pytest.fixture
+async def reset_mid_task(aiohttp_server: Any) -> str:
+    """The URL of a server whose task `t` makes progress, loses its history (a reset
+    that lists `t` as missing), then goes on in a new history to its end."""
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse("progress", {**ENDLESS, "message": "Processing one"}, "k3x7f2ab-1"))
+        await resp.write(sse("reset", {"reason": "history_lost", "message": LOST_MESSAGE, "missing": ["t"]}))
+        two = {**ENDLESS, "current": 2, "percent": 50.0, "message": "Processing two"}
+        await resp.write(sse("progress", two, "q7zz4mnc-1"))
+        done = {**ENDLESS, "state": "success", "current": 4, "percent": 100.0, "message": None, "result": 1}
+        await resp.write(sse("success", done, "q7zz4mnc-2"))
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/tasks/{id}/events", events)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/"))
+
+
+async def test_watch_says_a_reset_in_one_line_and_follows_the_task_on(reset_mid_task: str) -> None:
+    run = await run_cli("watch", "t", "--url", reset_mid_task)
+    assert run.status == 0, run
+    assert run.lines == [
+        "task t (demo.slow)",
+        "progress 1/4 (25.0%) Processing one",
+        f"reset (history_lost): {LOST_MESSAGE} No state of this task survived; waiting for its next event.",
+        "progress 2/4 (50.0%) Processing two",
+        "success 4/4 (100.0%)",
+        "result: 1",
+    ]
+    assert run.err == ""
+
+
+async def test_watch_json_gives_a_reset_its_own_line_with_the_cursor_it_leaves(reset_mid_task: str) -> None:
+    run = await run_cli("watch", "t", "--url", reset_mid_task, "--json")
+    assert run.status == 0, run
+    lines = run.json_lines()
+    assert lines[1] == {"reset": "history_lost", "message": LOST_MESSAGE, "missing": ["t"], "cursor": "k3x7f2ab-1"}
+    assert [(line.get("state"), line["cursor"]) for line in lines] == [
+        ("progress", "k3x7f2ab-1"),
+        (None, "k3x7f2ab-1"),
+        ("progress", "q7zz4mnc-1"),
+        ("success", "q7zz4mnc-2"),
+    ]
+
+
 async def test_ctrl_c_leaves_the_row_once_and_says_how_to_cancel(endless_task: str) -> None:
     url = endless_task
     status, raw = await run_in_pty("watch", "t", "--url", url, interrupt_on="25.0% 1/4")
@@ -668,6 +805,55 @@ def test_plain_lines_one_per_change_and_no_repeats() -> None:
         "revoked (terminated) Task terminated",
     ]
     assert err.getvalue() == "progress-sse: connection lost (boom); reconnecting in 0.5 s (attempt 1)\n"
+
+
+LOST = Reset("history_lost", "The event history was lost.", ("t",), "k3x7f2ab-7")
+UNPLACED = Reset("cursor_unknown", "That cursor names no place in the current history.", (), "k3x7f2ab-7")
+
+
+def test_plain_lines_say_a_reset_once_and_show_the_state_that_follows_even_if_unchanged() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    with PlainRenderer("t", out, err) as renderer:
+        renderer.event(event("progress", 2, 4, ts=101, message="two"))
+        renderer.reset(UNPLACED)
+        renderer.event(event("progress", 2, 4, ts=101, message="two"))  # the current state: as before, still news
+        renderer.reset(LOST)
+        renderer.event(event("progress", 1, 4, ts=110, message="one again"))
+    assert out.getvalue().splitlines() == [
+        "task t (demo.x)",
+        "progress 2/4 (50.0%) two",
+        "reset (cursor_unknown): That cursor names no place in the current history.",
+        "progress 2/4 (50.0%) two",
+        "reset (history_lost): The event history was lost. No state of this task survived; waiting for its next event.",
+        "progress 1/4 (25.0%) one again",  # counting went back: no rate across the two histories
+    ]
+    assert err.getvalue() == ""
+
+
+def test_json_says_a_reset_in_one_line_that_has_no_state() -> None:
+    out = io.StringIO()
+    with make_renderer("t", json_lines=True, out=out, err=io.StringIO()) as renderer:
+        renderer.reset(LOST)
+    line = {"reset": "history_lost", "message": "The event history was lost.", "missing": ["t"], "cursor": "k3x7f2ab-7"}
+    assert [json.loads(text) for text in out.getvalue().splitlines()] == [line]
+
+
+def test_the_live_bar_of_a_task_whose_history_was_lost_drops_its_old_figures_and_waits() -> None:
+    screen = io.StringIO()
+    renderer = LiveRenderer("t", Console(file=screen, width=160, force_terminal=True, color_system=None))
+    with renderer:
+        renderer.event(event("progress", 50, 450, ts=100, message="Processed 50 of 450"))
+        renderer.event(event("progress", 60, 450, ts=101, message="Processed 60 of 450"))
+        assert "60/450" in render(renderer) and "10.0/s" in render(renderer)
+        renderer.reset(LOST)
+        row = render(renderer)
+        assert "history lost; waiting for the task's next event" in row
+        assert not any(stale in row for stale in ("60/450", "%", "/s", "eta", "Processed")), row
+        renderer.event(event("progress", 61, 450, ts=102, message="Processed 61 of 450"))
+        row = render(renderer)
+        assert "61/450" in row and "waiting" not in row
+    text = ANSI.sub("", screen.getvalue())
+    assert text.count("↺ reset (history_lost): The event history was lost. No state of this task survived") == 1
 
 
 def test_the_renderer_follows_the_output(monkeypatch: pytest.MonkeyPatch) -> None:

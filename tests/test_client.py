@@ -22,6 +22,7 @@ from progress_sse.cli.client import (
     CannotConnect,
     Reconnecting,
     Rejected,
+    Reset,
     RetryPolicy,
     TaskEvent,
     TaskNotFound,
@@ -148,9 +149,21 @@ def test_an_endless_line_is_refused() -> None:
 # --- follow() against scripted servers ---------------------------------------------
 
 
-def frame(seq: int, state: str, current: int = 0, total: int | None = 5, **extra: Any) -> bytes:
+# Ids as the server sends them: `<epoch>-<n>`, opaque strings to the client.
+EPOCH, NEW_EPOCH = "k3x7f2ab", "q7zz4mnc"
+
+
+def cid(n: int, epoch: str = EPOCH) -> str:
+    return f"{epoch}-{n}"
+
+
+def frame(
+    seq: int | None, state: str, current: int = 0, total: int | None = 5, epoch: str = EPOCH, **extra: Any
+) -> bytes:
+    """A state frame; `seq` None: one with no `id:` line."""
     payload = {"task_id": TASK, "name": "demo.count", "state": state, "current": current, "total": total, **extra}
-    return f"id: {seq}\nevent: {state}\ndata: {json.dumps(payload)}\n\n".encode()
+    id_line = "" if seq is None else f"id: {cid(seq, epoch)}\n"
+    return f"{id_line}event: {state}\ndata: {json.dumps(payload)}\n\n".encode()
 
 
 STORY = [
@@ -176,7 +189,7 @@ class Scripted:
         self.app = web.Application()
         self.app.router.add_get("/tasks/{id}/events", self._events)
         self.app.router.add_get("/tasks/{id}", self._state)
-        self.state: dict[str, Any] = {"state": "success", "task_id": TASK, "cursor": "9", "result": 1}
+        self.state: dict[str, Any] = {"state": "success", "task_id": TASK, "cursor": cid(9), "result": 1}
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         self.cursors.append(request.headers.get("Last-Event-ID"))
@@ -202,9 +215,12 @@ async def drop(request: web.Request, resp: web.StreamResponse) -> web.StreamResp
     return resp
 
 
+ALL = [cid(n) for n in range(1, len(STORY) + 1)]
+
+
 def after(cursor: str | None) -> list[bytes]:
-    start = int(cursor or 0)
-    return [f for i, f in enumerate(STORY, start=1) if i > start]
+    start = ALL.index(cursor) + 1 if cursor else 0
+    return STORY[start:]
 
 
 @pytest.fixture
@@ -222,12 +238,15 @@ async def scripted(aiohttp_server: Any) -> AsyncIterator[Callable[[Handler], Awa
         script.release.set()
 
 
-async def collect(base: str, policy: RetryPolicy = FAST, **kwargs: Any) -> list[TaskEvent | Reconnecting]:
+Item = TaskEvent | Reconnecting | Reset
+
+
+async def collect(base: str, policy: RetryPolicy = FAST, cursor: str | None = None, **kwargs: Any) -> list[Item]:
     async with new_session(**kwargs) as session:
-        return [item async for item in follow(session, base, TASK, policy=policy)]
+        return [item async for item in follow(session, base, TASK, policy=policy, cursor=cursor)]
 
 
-def events(items: list[TaskEvent | Reconnecting]) -> list[TaskEvent]:
+def events(items: list[Item]) -> list[TaskEvent]:
     return [i for i in items if isinstance(i, TaskEvent)]
 
 
@@ -245,8 +264,8 @@ async def test_a_dropped_stream_resumes_from_the_last_event_id_and_misses_nothin
 
     script, base = await scripted(handler)
     items = await collect(base)
-    assert script.cursors == [None, "3"]
-    assert [e.cursor for e in events(items)] == ["1", "2", "3", "4", "5", "6"]
+    assert script.cursors == [None, cid(3)]
+    assert [e.cursor for e in events(items)] == ALL
     assert [e.state for e in events(items)] == ["queued", "started", "progress", "progress", "progress", "success"]
     assert events(items)[-1].payload["result"] == {"processed": 5}
     notices = [i for i in items if isinstance(i, Reconnecting)]
@@ -263,8 +282,8 @@ async def test_a_frame_cut_in_half_by_the_drop_is_asked_for_again(scripted: Any)
 
     script, base = await scripted(handler)
     items = await collect(base)
-    assert script.cursors == [None, "2"]
-    assert [e.cursor for e in events(items)] == ["1", "2", "3", "4", "5", "6"]
+    assert script.cursors == [None, cid(2)]
+    assert [e.cursor for e in events(items)] == ALL
 
 
 async def test_a_stream_that_ends_before_the_task_is_resumed_too(scripted: Any) -> None:
@@ -277,8 +296,8 @@ async def test_a_stream_that_ends_before_the_task_is_resumed_too(scripted: Any) 
 
     script, base = await scripted(handler)
     items = await collect(base)
-    assert script.cursors == [None, "2"]
-    assert [e.cursor for e in events(items)] == ["1", "2", "3", "4", "5", "6"]
+    assert script.cursors == [None, cid(2)]
+    assert [e.cursor for e in events(items)] == ALL
 
 
 async def test_a_204_on_reconnect_means_it_ended_and_the_state_says_how(scripted: Any) -> None:
@@ -288,11 +307,11 @@ async def test_a_204_on_reconnect_means_it_ended_and_the_state_says_how(scripted
         return web.Response(status=204)
 
     script, base = await scripted(handler)
-    script.state = {"task_id": TASK, "state": "failure", "error": {"type": "E", "message": "m"}, "cursor": "9"}
+    script.state = {"task_id": TASK, "state": "failure", "error": {"type": "E", "message": "m"}, "cursor": cid(9)}
     items = await collect(base)
-    assert script.cursors == [None, "3"]
+    assert script.cursors == [None, cid(3)]
     final = events(items)[-1]
-    assert (final.state, final.cursor, final.terminal) == ("failure", "9", True)
+    assert (final.state, final.cursor, final.terminal) == ("failure", cid(9), True)
     assert final.payload["error"]["type"] == "E"
 
 
@@ -330,7 +349,7 @@ async def test_reconnects_back_off_and_give_up_when_the_server_stays_down(script
 
     script, base = await scripted(handler)
     policy = RetryPolicy(initial=0.02, maximum=0.1, give_up_after=0.6)
-    seen: list[TaskEvent | Reconnecting] = []
+    seen: list[Item] = []
     loop = asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(CannotConnect, match="Redis does not answer"):
@@ -343,7 +362,7 @@ async def test_reconnects_back_off_and_give_up_when_the_server_stays_down(script
     assert all(n.delay <= policy.maximum for n in notices)
     assert 3 <= len(notices) <= 30, notices  # backed off, not hammered
     assert 0.6 <= took < 5
-    assert set(script.cursors[1:]) == {"1"}  # every retry asks for what follows event 1
+    assert set(script.cursors[1:]) == {cid(1)}  # every retry asks for what follows event 1
 
 
 async def test_a_silent_connection_is_abandoned_and_resumed(scripted: Any) -> None:
@@ -358,8 +377,93 @@ async def test_a_silent_connection_is_abandoned_and_resumed(scripted: Any) -> No
 
     script, base = await scripted(handler)
     items = await collect(base, idle_timeout=0.3)
-    assert script.cursors == [None, "1"]
-    assert [e.cursor for e in events(items)] == ["1", "2", "3", "4", "5", "6"]
+    assert script.cursors == [None, cid(1)]
+    assert [e.cursor for e in events(items)] == ALL
+
+
+# --- reset frames: the server's history started over ---------------------------------------
+
+
+def reset(reason: str = "history_lost", *missing: str) -> bytes:
+    """A reset frame as the server sends it: no `id:` line."""
+    data = {"reason": reason, "message": "The event history was lost.", "missing": list(missing)}
+    return f"event: reset\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def kinds(items: list[Item]) -> list[str]:
+    """Each item as `reset`, `reconnecting`, or its state and cursor."""
+    return [
+        "reset" if isinstance(i, Reset) else "reconnecting" if isinstance(i, Reconnecting) else f"{i.state}@{i.cursor}"
+        for i in items
+    ]
+
+
+async def test_a_reset_is_yielded_then_the_new_history_is_followed_and_resumed_in(scripted: Any) -> None:
+    new = frame(1, "progress", 2, epoch=NEW_EPOCH)  # the task's current state in the new history
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 1:
+            return await drop(request, await stream(request, *STORY[:3], reset(), new))
+        resp = await stream(request, frame(2, "success", 5, epoch=NEW_EPOCH, result=1))
+        await resp.write_eof()
+        return resp
+
+    script, base = await scripted(handler)
+    items = await collect(base)
+    assert script.cursors == [None, cid(1, NEW_EPOCH)], "resumed in the new history, not the lost one"
+    assert kinds(items) == [
+        *(f"{state}@{cid(n)}" for n, state in ((1, "queued"), (2, "started"), (3, "progress"))),
+        "reset",
+        f"progress@{cid(1, NEW_EPOCH)}",
+        "reconnecting",
+        f"success@{cid(2, NEW_EPOCH)}",
+    ]
+    told = items[3]
+    assert told == Reset("history_lost", "The event history was lost.", (), cid(3))  # the cursor it leaves
+
+
+async def test_a_task_missing_after_a_reset_is_still_followed_to_its_end(scripted: Any) -> None:
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        later = [frame(1, "progress", 4, epoch=NEW_EPOCH), frame(2, "success", 5, epoch=NEW_EPOCH, result=1)]
+        resp = await stream(request, *STORY[:2], reset("history_lost", TASK), *later)
+        await resp.write_eof()
+        return resp
+
+    script, base = await scripted(handler)
+    items = await collect(base)
+    assert script.cursors == [None], "one stream: a missing task is not an end"
+    assert kinds(items) == [
+        f"queued@{cid(1)}",
+        f"started@{cid(2)}",
+        "reset",
+        *(f"{s}@{cid(n, NEW_EPOCH)}" for n, s in ((1, "progress"), (2, "success"))),
+    ]
+    assert [i.missing for i in items if isinstance(i, Reset)] == [(TASK,)]
+
+
+async def test_a_state_without_an_id_is_yielded_and_keeps_the_cursor(scripted: Any) -> None:
+    # A state that outlived its history comes with no `id:` line: shown, but no place to resume from.
+    survivor = frame(None, "progress", 3)
+
+    async def handler(request: web.Request, n: int) -> web.StreamResponse:
+        if n == 1:
+            return await drop(request, await stream(request, reset("cursor_unknown"), survivor))
+        resp = await stream(request, reset("cursor_unknown"), survivor, frame(1, "success", 5, epoch=NEW_EPOCH))
+        await resp.write_eof()
+        return resp
+
+    script, base = await scripted(handler)
+    items = await collect(base, cursor=cid(2))
+    assert script.cursors == [cid(2), cid(2)], "the frame without an id neither cleared nor moved the cursor"
+    assert kinds(items) == [
+        "reset",
+        f"progress@{cid(2)}",
+        "reconnecting",
+        "reset",
+        f"progress@{cid(2)}",
+        f"success@{cid(1, NEW_EPOCH)}",
+    ]
+    assert [i.reason for i in items if isinstance(i, Reset)] == ["cursor_unknown", "cursor_unknown"]
 
 
 async def test_start_task_reports_the_servers_refusal(aiohttp_server: Any) -> None:
@@ -394,7 +498,7 @@ async def test_the_token_rides_every_request_in_the_header_never_in_the_url(aioh
 
     async def state(request: web.Request) -> web.Response:
         seen.append((str(request.rel_url), request.headers.get("Authorization")))
-        return web.json_response({"task_id": TASK, "state": "success", "cursor": "9", "result": 1})
+        return web.json_response({"task_id": TASK, "state": "success", "cursor": cid(9), "result": 1})
 
     app = web.Application()
     app.router.add_get("/tasks/{id}/events", stream_or_204)
@@ -434,15 +538,15 @@ async def test_a_refusal_on_reconnect_ends_the_watch_with_the_servers_sentence(s
         return web.json_response({"error": sentence}, status=status)
 
     script, base = await scripted(handler)
-    seen: list[TaskEvent | Reconnecting] = []
+    seen: list[Item] = []
     with pytest.raises(AccessRefused) as caught:
         async with new_session() as session:
             async for item in follow(session, base, TASK, policy=FAST, token=TOKEN):
                 seen.append(item)
     assert (caught.value.status, caught.value.reason) == (status, sentence)
     assert str(caught.value) == f"access refused ({status}): {sentence}"
-    assert script.cursors == [None, "3"], "refused once, and not asked again"
-    assert [e.cursor for e in events(seen)] == ["1", "2", "3"]
+    assert script.cursors == [None, cid(3)], "refused once, and not asked again"
+    assert [e.cursor for e in events(seen)] == ALL[:3]
 
 
 async def test_a_refusal_without_a_sentence_still_says_what_happened(scripted: Any) -> None:
@@ -496,7 +600,7 @@ async def test_a_real_server_restart_mid_stream_loses_and_repeats_nothing(
     await first.start_server()
     second: TestServer | None = None
     base = f"http://127.0.0.1:{port}"
-    items: list[TaskEvent | Reconnecting] = []
+    items: list[Item] = []
     try:
         async with new_session() as session:
             task_id = (await start_task(session, base, "demo.count", kwargs={"n": 30, "delay": 0.05})).id
@@ -516,10 +620,12 @@ async def test_a_real_server_restart_mid_stream_loses_and_repeats_nothing(
             await second.close()
     assert second is not None, "the stream never dropped"
     got = events(items)
-    cursors = [int(str(e.cursor)) for e in got]
-    stored = [int(line[4:]) for line in history.splitlines() if line.startswith("id: ")]
-    # Exactly the stored events after the first one we saw: no gap, no repeat.
-    assert cursors == [c for c in stored if c >= cursors[0]]
+    cursors = [e.cursor for e in got]
+    stored = [line[4:] for line in history.splitlines() if line.startswith("id: ")]
+    # Exactly the stored events from the first one we saw on: no gap, no repeat. The
+    # ids are compared as the opaque strings they are.
+    assert cursors[0] in stored, (cursors, stored)
+    assert cursors == stored[stored.index(cursors[0]) :]
     assert got[-1].state == "success" and got[-1].payload["result"] == {"processed": 30}
     assert any(isinstance(i, Reconnecting) for i in items)
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from .conftest import Server
-from .sse import SSEEvent, SSEReader
+from .sse import SSEEvent, SSEReader, numbers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker")]
 
@@ -25,7 +25,7 @@ def states(events: list[SSEEvent]) -> str:
 
 
 def assert_ids_increase(events: list[SSEEvent]) -> None:
-    ids = [int(str(e.id)) for e in events]
+    ids = numbers(events)
     assert ids == sorted(set(ids)), ids
 
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from progress_sse.config import Settings
 from progress_sse.connections import hub_client_name, sync_client
+from progress_sse.cursors import parse_id
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.web import HUB, delivery
@@ -33,7 +34,11 @@ async def history(server: Server, task_id: str) -> list[SSEEvent]:
 
 async def events_after(server: Server, task_id: str, cursor: str | None) -> list[str]:
     """Ids of the task's stored events after `cursor`, from its full history."""
-    return [str(e.id) for e in await history(server, task_id) if cursor is None or int(str(e.id)) > int(cursor)]
+    return [
+        str(e.id)
+        for e in await history(server, task_id)
+        if cursor is None or parse_id(str(e.id)).n > parse_id(cursor).n
+    ]
 
 
 def progressed(at_least: int) -> Any:
@@ -71,15 +76,21 @@ async def test_last_event_id_header_wins_over_query(server: Server) -> None:
     assert [e.id for e in got] == [e.id for e in full[3:]]
 
 
-@pytest.mark.parametrize("cursor", ["not-a-cursor", "-1", "99999999999999"])
-async def test_unusable_cursor_is_treated_as_none(server: Server, cursor: str) -> None:
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "-1", "99999999999999", "aaaaaaaa-1", "future"])
+async def test_an_unusable_cursor_gets_a_reset_then_the_current_state(server: Server, cursor: str) -> None:
     task_id = await server.start_task("demo.count", n=2, delay=0.01)
     full = await history(server, task_id)
+    if cursor == "future":
+        last = parse_id(str(full[-1].id))
+        cursor = f"{last.epoch}-{last.n + 10**9}"
     async with server.session.get(server.url(f"/tasks/{task_id}/events"), headers={"Last-Event-ID": cursor}) as resp:
         assert resp.status == 200
         got = await SSEReader(resp).rest()
-    # Current state first: the finished task's one terminal event, then the end.
-    assert [(e.id, e.event) for e in got] == [(full[-1].id, "success")]
+    # A reset (the cursor names no place in this history), the finished task's one
+    # terminal event as its current state, then the end.
+    assert [e.event for e in got] == ["reset", "success"]
+    assert got[0].payload["reason"] == "cursor_unknown"
+    assert got[1].id == full[-1].id
 
 
 async def test_fresh_stream_starts_with_current_state_then_goes_live(server: Server) -> None:
@@ -121,7 +132,7 @@ async def test_twenty_tasks_share_one_stream_gaplessly(server: Server) -> None:
         assert server.app[HUB].watcher_count == 1
         events = [first, *await reader.rest(timeout=60)]
 
-    ids = [int(str(e.id)) for e in events]
+    ids = [parse_id(str(e.id)).n for e in events]
     assert ids == sorted(set(ids)), "one cursor for all tasks: ids only increase"
     for task_id in task_ids:
         mine = [e for e in events if e.payload["task_id"] == task_id]
@@ -256,8 +267,8 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
                 got += await reader.until(lambda e: True)
                 mine = [c for c in redis_client.client_list(_type="pubsub") if c["name"] == hub_client_name(prefix)]
                 redis_client.client_kill_filter(_id=mine[0]["id"])
-                first = int(str(got[-1].id))
-                got += await reader.until(lambda e, first=first: int(str(e.id)) > first + 300)
+                first = parse_id(str(got[-1].id)).n
+                got += await reader.until(lambda e, first=first: parse_id(str(e.id)).n > first + 300)
         finally:
             stop.set()
             await asyncio.to_thread(thread.join)
@@ -266,7 +277,7 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
     publisher.client.close()
 
     assert server.app[HUB].connections >= 6
-    ids = [int(str(e.id)) for e in got if e is not None]
+    ids = [parse_id(str(e.id)).n for e in got if e is not None]
     stored = [int(entry_id.split("-")[0]) for entry_id, _ in redis_client.xrange(keys.log(task_id))]
     assert ids == [s for s in stored if s >= ids[0]], "every stored event after the first, once, in order"
     for key in redis_client.scan_iter(match=f"{prefix}:*"):

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from progress_sse.cursors import Position
 from progress_sse.events import (
+    CURSOR_UNKNOWN,
+    HISTORY_LOST,
     PING,
     TERMINAL_STATES,
     Frame,
@@ -22,6 +25,7 @@ from progress_sse.events import (
     json_safe,
     make_event,
     percent_of,
+    reset_frame,
     unknown_task_frame,
 )
 
@@ -253,21 +257,40 @@ def test_encode_sse_encodes_utf8() -> None:
     assert encode_sse(data='"✓"') == 'data: "✓"\n\n'.encode()
 
 
-def test_frame_encoded_is_the_sse_frame_with_seq_as_id() -> None:
+def test_frame_encoded_is_the_sse_frame_with_epoch_and_seq_as_id() -> None:
     data = dumps(make_event("t", "demo.count", "progress", current=1, total=2, ts=1.0))
-    frame = Frame("t", 42, "progress", data)
-    assert frame.encoded == f"id: 42\nevent: progress\ndata: {data}\n\n".encode()
+    frame = Frame("t", 42, "progress", data, "k3x7f2ab")
+    assert frame.encoded == f"id: k3x7f2ab-42\nevent: progress\ndata: {data}\n\n".encode()
+    assert frame.id == "k3x7f2ab-42" and frame.position == Position("k3x7f2ab", 42)
     assert frame.payload()["percent"] == 50.0
 
 
+def test_a_frame_without_an_epoch_has_no_id_line() -> None:
+    frame = Frame("t", 42, "progress", "{}", None)
+    assert frame.encoded == b"event: progress\ndata: {}\n\n"
+    assert frame.id is None and frame.position is None
+
+
 def test_frame_terminal_follows_its_state() -> None:
-    assert Frame("t", 1, "success", "{}").terminal
-    assert not Frame("t", 1, "progress", "{}").terminal
+    assert Frame("t", 1, "success", "{}", "e").terminal
+    assert not Frame("t", 1, "progress", "{}", "e").terminal
 
 
 def test_frames_compare_by_value_not_by_encoding() -> None:
-    assert Frame("t", 1, "queued", "{}") == Frame("t", 1, "queued", "{}")
-    assert Frame("t", 1, "queued", "{}") != Frame("t", 2, "queued", "{}")
+    assert Frame("t", 1, "queued", "{}", "e") == Frame("t", 1, "queued", "{}", "e")
+    assert Frame("t", 1, "queued", "{}", "e") != Frame("t", 2, "queued", "{}", "e")
+    assert Frame("t", 1, "queued", "{}", "e") != Frame("t", 1, "queued", "{}", "f")
+
+
+@pytest.mark.parametrize("reason", [HISTORY_LOST, CURSOR_UNKNOWN])
+def test_reset_frame_has_no_id_and_says_why_and_what_is_missing(reason: str) -> None:
+    frame = reset_frame(reason, ["a", "b"])
+    lines = frame.decode().split("\n")
+    assert lines[0] == "event: reset" and lines[1].startswith("data: ")
+    assert lines[2:] == ["", ""], "one data line, no id"
+    body = json.loads(lines[1].removeprefix("data: "))
+    assert body["reason"] == reason and body["missing"] == ["a", "b"]
+    assert "states that follow are current" in body["message"]
 
 
 def test_unknown_task_frame_has_no_id_line_so_the_cursor_stays() -> None:

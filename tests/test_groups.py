@@ -16,7 +16,7 @@ from progress_sse.worker import bridge
 from progress_sse.worker.celery_app import make_celery
 
 from .conftest import Server
-from .sse import SSEReader
+from .sse import SSEReader, numbers
 
 
 def member(state: str, current: float = 0, total: float | None = None) -> dict[str, Any]:
@@ -77,7 +77,7 @@ async def test_group_streams_one_aggregate_bar_until_every_member_ends(server: S
         frames = await SSEReader(resp).rest(timeout=60)
     assert {f.event for f in frames} == {"group"}
     bars = [f.payload for f in frames]
-    ids = [int(str(f.id)) for f in frames]
+    ids = numbers(frames)
     assert ids == sorted(ids)
     assert [b["done"] for b in bars] == sorted(b["done"] for b in bars)
     last = bars[-1]

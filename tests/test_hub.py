@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 
 import progress_sse.web.hub as hub_module
 from progress_sse.config import Settings
+from progress_sse.cursors import Position, parse_id
 from progress_sse.events import Frame, make_event
 from progress_sse.keys import Keys
 from progress_sse.web.hub import Hub, HubUnavailable, Item, Signal, Watcher
@@ -87,9 +88,10 @@ def the_connection(redis_client: redis.Redis, name: str) -> dict[str, str]:
 
 def publish(publisher: Publisher, task_id: str, state: str, **kwargs: Any) -> Frame:
     payload = make_event(task_id, "demo.count", state, **kwargs)
-    seq = publisher.publish(payload)
-    assert seq is not None
-    return Frame(task_id, seq, state, "")
+    cursor = publisher.publish(payload)
+    assert cursor is not None
+    at = parse_id(cursor)
+    return Frame(task_id, at.n, state, "", at.epoch)
 
 
 async def expect(watcher: Watcher, what: str) -> Item:
@@ -101,7 +103,7 @@ async def expect(watcher: Watcher, what: str) -> Item:
 async def expect_frame(watcher: Watcher, sent: Frame) -> Frame:
     item = await expect(watcher, f"frame {sent.seq}")
     assert isinstance(item, Frame), f"expected frame {sent.seq}, got {item}"
-    assert (item.task_id, item.seq, item.state) == (sent.task_id, sent.seq, sent.state)
+    assert (item.task_id, item.id, item.state) == (sent.task_id, sent.id, sent.state)
     return item
 
 
@@ -325,7 +327,8 @@ async def test_after_its_connection_is_killed_the_hub_reconnects_resubscribes_an
 ) -> None:
     h = await make_hub()
     a, b = new_task(), new_task()
-    position = publish(publisher, a, "queued").seq
+    position = publish(publisher, a, "queued").position
+    assert position is not None
     async with contextlib.AsyncExitStack() as stack:
         watchers = [
             await stack.enter_async_context(h.hub.watch([a])),
@@ -343,10 +346,10 @@ async def test_after_its_connection_is_killed_the_hub_reconnects_resubscribes_an
         # ...but the log has it, which is what a resync reads.
         store_client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
         try:
-            frames, _ = await Store(store_client, keys).after([a, b], position)
+            catchup = await Store(store_client, keys).after([a, b], position)
         finally:
             await store_client.aclose()
-        assert [(f.seq, f.state) for f in frames] == [(missed.seq, "started")]
+        assert [(f.id, f.state) for f in catchup.frames] == [(missed.id, "started")]
 
         assert numsub(redis_client, keys.channel(a)) == 1
         assert numsub(redis_client, keys.channel(b)) == 1
@@ -408,7 +411,7 @@ async def test_a_slow_watchers_inbox_stays_within_its_bytes(
 
 
 def frame(task_id: str, seq: int, state: str, size: int = 100) -> Frame:
-    return Frame(task_id, seq, state, "x" * size)
+    return Frame(task_id, seq, state, "x" * size, "e")
 
 
 def test_progress_collapses_to_each_tasks_latest_and_state_changes_stay_in_order() -> None:
@@ -524,7 +527,7 @@ async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> No
     RESYNC (read the log) before them: a frame may not overtake what was missed."""
     watcher = Watcher(["t"], limit=10_000)
     watcher.hold()
-    late = Frame("t", 91, "progress", "{}")
+    late = Frame("t", 91, "progress", "{}", "e")
     watcher.deliver(late)
     assert await watcher.next(0) is None, "held, not delivered"
     watcher.resume()
@@ -546,3 +549,53 @@ async def test_each_watcher_registered_moves_the_generation_on(
         before = h.hub.generation
         async with h.hub.watch([task_id]) as second:  # the channel is subscribed already
             assert first.confirmed <= before < second.confirmed == h.hub.generation
+
+
+async def test_a_message_of_another_history_tells_every_watcher_to_resync(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """Redis lost the sequence (a restart without data, an eviction): the next write
+    names a new history. Every stream must look, not only those of that task: a
+    stream whose task never writes again would otherwise show its old state for ever."""
+    h = await make_hub()
+    a, quiet = new_task(), new_task()
+    async with h.hub.watch([a]) as watcher_a, h.hub.watch([quiet]) as watcher_quiet:
+        await expect_frame(watcher_a, publish(publisher, a, "queued"))
+        redis_client.delete(keys.history)  # what a restart without persistence does to it
+        renamed = publish(publisher, a, "started")
+
+        assert await expect(watcher_a, "a resync") is Signal.RESYNC
+        await expect_frame(watcher_a, renamed)
+        assert await expect(watcher_quiet, "a resync") is Signal.RESYNC
+
+
+async def test_a_sequence_that_went_back_gets_a_new_epoch_before_watchers_resync(
+    settings: Settings,
+    make_hub: Callable[..., Awaitable[HubUnderTest]],
+    publisher: Publisher,
+    keys: Keys,
+    redis_client: redis.Redis,
+) -> None:
+    """A failover to a replica that lagged: the same epoch, lower numbers. The hub
+    renames the history first, so a cursor handed out before can never pass for a
+    place in the new one, then tells every watcher."""
+    store_client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        h = await make_hub(new_epoch=Store(store_client, keys).new_epoch)
+        task_id, other = new_task(), new_task()
+        async with h.hub.watch([task_id, other]) as watcher:
+            await expect_frame(watcher, publish(publisher, task_id, "queued"))
+            high = publish(publisher, task_id, "started")
+            await expect_frame(watcher, high)
+            # The replica had not heard of `started` (nor of its log entry: a script's
+            # writes replicate together), and the next event takes its number.
+            redis_client.hset(keys.history, "n", high.seq - 1)
+            redis_client.delete(keys.log(task_id), keys.state(task_id))
+            again = publish(publisher, other, "queued")
+            assert again.position == Position(high.epoch, high.seq), "the number was given out twice"
+
+            await expect_frame(watcher, again)  # the stream itself drops it: not past its position
+            assert await expect(watcher, "a resync") is Signal.RESYNC
+            assert redis_client.hget(keys.history, "epoch") != high.epoch, "the resync came before the renaming"
+    finally:
+        await store_client.aclose()

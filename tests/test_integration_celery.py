@@ -25,7 +25,7 @@ from progress_sse.celery_progress import celery_progress_json
 from progress_sse.config import Settings
 
 from .conftest import Server, Worker, worker_env
-from .sse import SSEEvent, SSEReader
+from .sse import SSEEvent, SSEReader, numbers
 
 pytestmark = pytest.mark.e2e
 
@@ -129,7 +129,7 @@ async def test_each_shop_task_streams_its_whole_life(
     events = await history(shop, task_id)
 
     assert re.fullmatch(r"queued started( progress)+ success", states(events)), states(events)
-    ids = [int(str(e.id)) for e in events]
+    ids = numbers(events)
     assert ids == sorted(set(ids)), ids
     assert {e.payload["name"] for e in events} == {name}
     assert {e.payload["task_id"] for e in events} == {task_id}

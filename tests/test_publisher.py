@@ -18,6 +18,7 @@ import redis
 
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
+from progress_sse.cursors import parse_id
 from progress_sse.events import TERMINAL_STATES, State, dumps, make_event
 from progress_sse.keys import Keys
 from progress_sse.worker.publisher import Publisher
@@ -45,10 +46,13 @@ def test_publish_returns_increasing_cursors_shared_across_tasks(
         publisher.publish(event(b, "started")),
         publisher.publish(event(a, "progress", current=1, total=2)),
     ]
-    assert all(isinstance(c, int) for c in cursors), cursors
-    # One sequence for every task of this prefix, and only this test publishes under it.
-    assert cursors == [1, 2, 3, 4, 5]
-    assert int(redis_client.get(keys.seq)) == 5
+    assert all(isinstance(c, str) for c in cursors), cursors
+    # One sequence for every task of this prefix, and only this test publishes under it,
+    # in one history whose name the first write gave it.
+    epoch = redis_client.hget(keys.history, "epoch")
+    assert epoch is not None and len(epoch) == 8
+    assert cursors == [f"{epoch}-{n}" for n in range(1, 6)]
+    assert redis_client.hget(keys.history, "n") == "5"
     assert [e[0] for e in redis_client.xrange(keys.log(a))] == ["1-0", "3-0", "5-0"]
     assert [e[0] for e in redis_client.xrange(keys.log(b))] == ["2-0", "4-0"]
 
@@ -58,11 +62,12 @@ def test_stream_entry_id_is_the_cursor_with_state_and_json_payload_fields(
 ) -> None:
     task_id = new_task()
     payload = event(task_id, "progress", current=3, total=10, message="Processing item 3: ünïcode")
-    seq = publisher.publish(payload)
+    cursor = publisher.publish(payload)
+    assert cursor is not None
     entries = redis_client.xrange(keys.log(task_id))
     assert len(entries) == 1
     entry_id, fields = entries[0]
-    assert entry_id == f"{seq}-0"
+    assert entry_id == f"{parse_id(cursor).n}-0"
     assert set(fields) == {"s", "d"}
     assert fields["s"] == "progress"
     assert json.loads(fields["d"]) == payload
@@ -84,7 +89,7 @@ def test_state_hash_tracks_latest_event_and_what_is_known_of_the_task(
     seq_started = publisher.publish(started, started_at=1001.0, worker="celery@host", pid=4242)
     state = redis_client.hgetall(keys.state(task_id))
     assert state["state"] == "started"
-    assert int(state["seq"]) == seq_started
+    assert f"{state['epoch']}-{state['seq']}" == seq_started
     assert json.loads(state["latest"]) == started
     # Extra keyword fields land in the hash as they are.
     assert float(state["started_at"]) == 1001.0
@@ -98,7 +103,7 @@ def test_state_hash_tracks_latest_event_and_what_is_known_of_the_task(
     seq_done = publisher.publish(done)
     state = redis_client.hgetall(keys.state(task_id))
     assert state["state"] == "success"
-    assert int(state["seq"]) == seq_done
+    assert f"{state['epoch']}-{state['seq']}" == seq_done
     assert json.loads(state["latest"]) == done
     assert float(state["finished_at"]) == 1002.25
     assert float(state["created_at"]) == 1000.5
@@ -123,8 +128,8 @@ def test_publish_announces_seq_state_and_json_on_the_task_channel(
     assert message is not None, "no PUBLISH reached the task's channel"
     assert message["type"] == "message"
     assert message["channel"] == keys.channel(task_id)
-    raw_seq, state, data = message["data"].split("\n", 2)
-    assert int(raw_seq) == seq
+    raw_id, state, data = message["data"].split("\n", 2)
+    assert raw_id == seq
     assert state == "progress"
     assert json.loads(data) == payload  # newlines inside the payload survive the split
 
@@ -142,7 +147,7 @@ def test_second_queued_is_refused_and_changes_nothing(
     assert publisher.publish(event(task_id, "queued", ts=2001.0)) is None
     assert redis_client.xlen(keys.log(task_id)) == 1
     assert redis_client.hgetall(keys.state(task_id)) == before
-    assert int(redis_client.get(keys.seq)) == seq  # no cursor was used up
+    assert f"{redis_client.hget(keys.history, 'epoch')}-{redis_client.hget(keys.history, 'n')}" == seq  # none used up
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL_STATES))
@@ -172,7 +177,7 @@ def test_nothing_is_stored_after_a_terminal_event(
     assert message is not None and message["channel"] == barrier, f"a refused event was announced: {message}"
     assert redis_client.xlen(keys.log(task_id)) == 2
     assert redis_client.hgetall(keys.state(task_id)) == before
-    assert int(redis_client.get(keys.seq)) == seq
+    assert redis_client.hget(keys.history, "n") == str(parse_id(seq).n)
 
 
 def test_both_keys_get_the_history_ttl(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:
@@ -205,7 +210,7 @@ def test_log_is_capped_near_history_max(settings: Settings, keys: Keys, redis_cl
     # MAXLEN ~ trims whole stream nodes: at least history_max stay, far fewer than all.
     assert 100 <= length <= 200, length
     newest = redis_client.xrevrange(keys.log(task_id), count=1)
-    assert newest[0][0] == f"{last}-0"  # the cap drops the oldest, never the newest
+    assert newest[0][0] == f"{parse_id(last).n}-0"  # the cap drops the oldest, never the newest
     assert redis_client.hget(keys.state(task_id), "events") == "300"
 
 
@@ -253,8 +258,8 @@ def test_publish_quietly_returns_none_when_redis_is_unreachable(keys: Keys, capl
 
 def test_publish_quietly_returns_the_cursor_when_redis_answers(publisher: Publisher, keys: Keys) -> None:
     task_id = new_task()
-    seq = publisher.publish_quietly(event(task_id, "queued"))
-    assert seq is not None and seq >= 1
+    cursor = publisher.publish_quietly(event(task_id, "queued"))
+    assert cursor is not None and parse_id(cursor).n >= 1
     assert publisher.publish_quietly(event(task_id, "queued")) is None  # refused, quietly
 
 
@@ -277,8 +282,19 @@ def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_
     task_id = new_task()
     publisher.publish(event(task_id, "queued"))
     payload = event(task_id, "started")
-    args = [keys.channel(task_id), task_id, "started", dumps(payload), 60, 100, payload["ts"], "same-event-id", ""]
-    script_keys = [keys.state(task_id), keys.log(task_id), keys.seq, keys.recent, keys.queued]
+    args = [
+        keys.channel(task_id),
+        task_id,
+        "started",
+        dumps(payload),
+        60,
+        100,
+        payload["ts"],
+        "same-event-id",
+        "",
+        "aaaaaaaa",
+    ]
+    script_keys = [keys.state(task_id), keys.log(task_id), keys.history, keys.recent, keys.queued]
     first = publisher._append(keys=script_keys, args=args)
     again = publisher._append(keys=script_keys, args=args)
     assert first == again
@@ -333,3 +349,46 @@ def test_a_second_finish_is_refused_and_changes_nothing(publisher: Publisher) ->
     assert publisher.finish(task_id, "t", State.REVOKED, message="Task revoked", reason="revoked") is None
     latest = publisher.latest(task_id)
     assert latest is not None and latest["state"] == "success"
+
+
+def test_a_history_whose_numbers_another_node_gave_out_gets_a_new_name(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """A failover or a restart: Redis gives the node a new replication id, and it
+    may have lost the last numbers handed out. So the first write there names a new
+    history, and the numbers carry on (src/progress_sse/history.py)."""
+    task_id = new_task()
+    first = publisher.publish(event(task_id, "queued"))
+    assert first is not None
+    node = redis_client.hget(keys.history, "node")
+    assert node is not None and len(node) == 40, "the hash records the node that gives out numbers"
+    redis_client.hset(keys.history, "node", "f" * 40)
+
+    second = publisher.publish(event(task_id, "started"))
+    third = publisher.publish(event(task_id, "progress", current=1, total=2))
+    assert second is not None and third is not None
+    assert parse_id(second).epoch != parse_id(first).epoch
+    assert parse_id(second).n == parse_id(first).n + 1
+    assert parse_id(third).epoch == parse_id(second).epoch, "named once"
+    assert redis_client.hget(keys.history, "node") == node
+    assert [f["s"] for _, f in redis_client.xrange(keys.log(task_id))] == ["queued", "started", "progress"]
+
+
+def test_a_log_numbered_by_a_lost_sequence_is_started_over(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """The history's hash alone was lost (evicted, deleted): numbers start over
+    while a task's log keeps entries numbered by the old sequence. Its next event
+    starts its log over, or a reader would serve old entries as new ones."""
+    task_id, other = new_task(), new_task()
+    publisher.publish(event(task_id, "queued"))
+    publisher.publish(event(task_id, "started"))
+    redis_client.delete(keys.history)
+    for i in range(4):  # the new sequence passes the task's old numbers
+        publisher.publish(event(other, "progress" if i else "queued", current=i, total=9))
+
+    cursor = publisher.publish(event(task_id, "progress", current=1, total=2))
+
+    assert cursor is not None and parse_id(cursor).n == 5
+    assert [(entry_id, f["s"]) for entry_id, f in redis_client.xrange(keys.log(task_id))] == [("5-0", "progress")]
+    assert redis_client.hget(keys.state(task_id), "events") == "1"

@@ -19,7 +19,8 @@ import redis.asyncio as aioredis
 
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
-from progress_sse.events import Frame, make_event
+from progress_sse.cursors import Foreign, Position, parse_id
+from progress_sse.events import CURSOR_UNKNOWN, Frame, make_event
 from progress_sse.keys import Keys
 from progress_sse.web.store import Store, describe
 from progress_sse.worker.publisher import Publisher
@@ -46,9 +47,10 @@ class Log:
 
     def add(self, task_id: str, state: str, **kwargs: Any) -> Frame:
         payload = make_event(task_id, "demo.count", state, **kwargs)
-        seq = self.publisher.publish(payload)
-        assert seq is not None, f"{state} of {task_id} was refused"
-        frame = Frame(task_id, seq, state, json.dumps(payload, separators=(",", ":"), ensure_ascii=False))
+        cursor = self.publisher.publish(payload)
+        assert cursor is not None, f"{state} of {task_id} was refused"
+        at = parse_id(cursor)
+        frame = Frame(task_id, at.n, state, json.dumps(payload, separators=(",", ":"), ensure_ascii=False), at.epoch)
         self.frames.append(frame)
         return frame
 
@@ -72,7 +74,7 @@ async def test_start_without_cursor_gives_one_snapshot_per_known_task(store: Sto
     start = await store.start([a, unknown, b], None)
 
     assert start.resumed is False
-    assert start.upto == latest_b.seq
+    assert start.upto == latest_b.position
     by_id = {t.task_id: t for t in start.tasks}
     assert [t.task_id for t in start.tasks] == [a, unknown, b]
     assert by_id[a].known and by_id[a].state == "progress" and not by_id[a].terminal
@@ -87,14 +89,14 @@ async def test_start_without_cursor_gives_one_snapshot_per_known_task(store: Sto
 async def test_start_with_cursor_gives_exactly_the_events_after_it_in_order(store: Store, log: Log) -> None:
     task_id = new_task()
     log.add(task_id, "queued")
-    cursor = log.add(task_id, "started").seq
+    cursor = log.add(task_id, "started").position
     later = [log.add(task_id, "progress", current=i, total=3) for i in (1, 2, 3)]
     later.append(log.add(task_id, "success", current=3, total=3))
 
     start = await store.start([task_id], cursor)
 
     assert start.resumed is True
-    assert start.upto == later[-1].seq
+    assert start.upto == later[-1].position
     (task,) = start.tasks
     assert task.frames == later
     assert [f.payload()["current"] for f in task.frames] == [1, 2, 3, 3]
@@ -105,22 +107,40 @@ async def test_start_with_cursor_at_the_latest_event_gives_nothing_more(store: S
     task_id = new_task()
     log.add(task_id, "queued")
     last = log.add(task_id, "success")
-    start = await store.start([task_id], last.seq)
+    start = await store.start([task_id], last.position)
     assert start.resumed is True
     assert start.tasks[0].frames == []
     assert start.tasks[0].terminal
 
 
-async def test_cursor_from_the_future_is_treated_as_no_cursor(store: Store, log: Log) -> None:
+@pytest.mark.parametrize("kind", ["future", "other epoch", "foreign"])
+async def test_a_cursor_of_no_place_in_this_history_starts_over_with_a_reset(store: Store, log: Log, kind: str) -> None:
     task_id = new_task()
     log.add(task_id, "queued")
     latest = log.add(task_id, "progress", current=1, total=2)
+    assert latest.position is not None
+    cursor = {
+        "future": Position(latest.position.epoch, latest.seq + 1000),
+        "other epoch": Position("aaaaaaaa", 1),
+        "foreign": Foreign("141378"),  # an integer cursor from before epochs
+    }[kind]
 
-    start = await store.start([task_id], latest.seq + 1000)
+    start = await store.start([task_id], cursor)
 
     assert start.resumed is False
-    assert start.upto == latest.seq
+    assert start.reset == CURSOR_UNKNOWN
+    assert start.upto == latest.position
     assert start.tasks[0].frames == [latest]
+
+
+async def test_cursor_zero_replays_the_whole_history_of_the_current_epoch(store: Store, log: Log) -> None:
+    task_id = new_task()
+    frames = [log.add(task_id, "queued"), log.add(task_id, "started"), log.add(task_id, "success")]
+
+    start = await store.start([task_id], Position("", 0))
+
+    assert start.resumed is True and start.reset is None
+    assert start.tasks[0].frames == frames
 
 
 async def test_cursor_older_than_the_kept_history_falls_back_to_the_snapshot(
@@ -140,7 +160,7 @@ async def test_cursor_older_than_the_kept_history_falls_back_to_the_snapshot(
     oldest_kept = redis_client.xrange(keys.log(trimmed), count=1)[0][0]
     assert int(oldest_kept.split("-")[0]) > first.seq + 1, "the log was not trimmed: the test proves nothing"
 
-    start = await store.start([trimmed, whole], first.seq)
+    start = await store.start([trimmed, whole], first.position)
 
     assert start.resumed is True
     by_id = {t.task_id: t for t in start.tasks}
@@ -162,7 +182,7 @@ async def test_cursor_inside_the_kept_history_of_a_trimmed_log_still_resumes_exa
     finally:
         client.close()
     frames = trimmed_log.of(task_id)
-    cursor = frames[-10].seq
+    cursor = frames[-10].position
     assert redis_client.xlen(keys.log(task_id)) < 300
 
     start = await store.start([task_id], cursor)
@@ -173,7 +193,8 @@ async def test_cursor_inside_the_kept_history_of_a_trimmed_log_still_resumes_exa
 async def test_frames_merges_every_task_in_cursor_order(store: Store, log: Log) -> None:
     a, b, c = new_task(), new_task(), new_task()
     log.add(a, "queued")
-    cursor = log.add(b, "queued").seq
+    first = log.add(b, "queued")
+    cursor = first.position
     log.add(c, "queued")
     log.add(a, "started")
     log.add(c, "started")
@@ -181,7 +202,7 @@ async def test_frames_merges_every_task_in_cursor_order(store: Store, log: Log) 
     log.add(a, "progress", current=1, total=2)
     log.add(c, "success")
     log.add(b, "progress", current=1, total=2)
-    expected = [f for f in log.frames if f.seq > cursor]
+    expected = [f for f in log.frames if f.seq > first.seq]
 
     resumed = await store.start([c, b, a], cursor)
     assert resumed.frames() == expected
@@ -195,28 +216,50 @@ async def test_after_returns_later_events_of_several_tasks_merged_and_the_new_po
     a, b, other = new_task(), new_task(), new_task()
     log.add(a, "queued")
     log.add(b, "queued")
-    position = log.add(other, "queued").seq
+    mark = log.add(other, "queued")
     log.add(b, "started")
     log.add(other, "started")
     log.add(a, "started")
     log.add(a, "progress", current=1, total=2)
     last = log.add(b, "failure")
+    assert mark.position is not None
 
-    frames, new_position = await store.after([a, b], position)
+    catchup = await store.after([a, b], mark.position)
 
-    assert frames == [f for f in log.frames if f.seq > position and f.task_id in (a, b)]
-    assert [f.seq for f in frames] == sorted(f.seq for f in frames)
-    assert new_position == last.seq
+    assert not catchup.lost
+    assert catchup.frames == [f for f in log.frames if f.seq > mark.seq and f.task_id in (a, b)]
+    assert [f.seq for f in catchup.frames] == sorted(f.seq for f in catchup.frames)
+    assert catchup.upto == last.position
 
-    assert await store.after([a, b], new_position) == ([], new_position)
+    again = await store.after([a, b], catchup.upto)
+    assert (again.frames, again.upto, again.lost) == ([], catchup.upto, False)
 
 
-async def test_after_never_moves_the_position_backwards(store: Store, log: Log) -> None:
+async def test_after_a_position_of_another_history_is_lost(store: Store, log: Log) -> None:
     task_id = new_task()
-    latest = log.add(task_id, "queued")
-    frames, position = await store.after([task_id], latest.seq + 50)
-    assert frames == []
-    assert position == latest.seq + 50
+    log.add(task_id, "queued")
+    catchup = await store.after([task_id], Position("aaaaaaaa", 1))
+    assert catchup.lost and catchup.frames == []
+
+
+async def test_a_sequence_that_went_back_is_lost_and_gets_a_new_epoch(
+    store: Store, log: Log, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """What a failover to a replica that lagged behind looks like: the same epoch, a
+    lower number. The first reader to see it renames the history, so no cursor
+    handed out before can pass for a place in what comes next."""
+    task_id = new_task()
+    log.add(task_id, "queued")
+    latest = log.add(task_id, "started")
+    assert latest.position is not None
+    redis_client.hset(keys.history, "n", latest.seq - 1)
+
+    catchup = await store.after([task_id], latest.position)
+
+    assert catchup.lost
+    assert redis_client.hget(keys.history, "epoch") != latest.epoch
+    following = log.add(task_id, "progress", current=1, total=2)
+    assert following.epoch != latest.epoch
 
 
 async def test_recent_lists_newest_first_and_honours_the_limit(store: Store, log: Log) -> None:
@@ -292,7 +335,7 @@ async def test_describe_gives_the_latest_event_and_what_is_known_of_the_task(
     assert body["finished_at"] == 103.0
     assert body["worker"] == "celery@box"
     assert body["worker_pid"] == 77
-    assert int(body["cursor"]) == seq
+    assert body["cursor"] == seq
 
 
 async def test_describe_leaves_unknown_times_none_and_omits_unknown_worker(store: Store, log: Log) -> None:
@@ -307,3 +350,23 @@ async def test_describe_leaves_unknown_times_none_and_omits_unknown_worker(store
     assert body["started_at"] is None
     assert body["finished_at"] is None
     assert "worker" not in body and "worker_pid" not in body
+
+
+async def test_a_read_on_another_node_names_a_new_history_before_it_hands_out_a_position(
+    store: Store, log: Log, keys: Keys, redis_client: redis.Redis
+) -> None:
+    task_id = new_task()
+    latest = log.add(task_id, "queued")
+    assert latest.position is not None
+    redis_client.hset(keys.history, "node", "f" * 40)  # a failover to a replica that lagged, say
+
+    catchup = await store.after([task_id], latest.position)
+
+    assert catchup.lost and catchup.upto.epoch != latest.epoch
+    start = await store.start([task_id], latest.position)
+    assert start.reset == CURSOR_UNKNOWN
+    # The task's state is of the old history: sent as of the new one's first number.
+    assert [(f.id, f.state) for f in start.frames()] == [(str(catchup.upto), "queued")]
+    assert catchup.upto.n == latest.seq, "the sequence carries on"
+    again = await store.start([task_id], catchup.upto)
+    assert again.resumed and again.frames() == [], "a cursor of the new history has it already"

@@ -21,6 +21,7 @@ import pytest
 
 from progress_sse.cli.embedded import EmbeddedRedis
 from progress_sse.config import Settings
+from progress_sse.cursors import Position
 from progress_sse.events import State, make_event
 from progress_sse.web import HUB, STREAMS
 from progress_sse.web.delivery import RETRY_LATER_MS, SharedReads
@@ -179,10 +180,10 @@ class _Reads:
         self.calls = 0
         self.release = asyncio.Event()
 
-    async def start(self, ids: Any, cursor: Any, fresh: Any) -> Start:
+    async def start(self, ids: Any, cursor: Any, fresh: Any, *, replay: bool) -> Start:
         self.calls += 1
         await self.release.wait()
-        return Start([], upto=self.calls, resumed=False)
+        return Start([], upto=Position("e", self.calls), resumed=False)
 
 
 class _Hub:
@@ -198,7 +199,9 @@ async def test_streams_share_a_read_only_if_it_was_issued_after_they_subscribed(
     shared = SharedReads(reads, hub)  # type: ignore[arg-type]
 
     async def ask(cursor: int, not_before: int) -> asyncio.Future[Start]:
-        asked = asyncio.ensure_future(shared.start(["t"], cursor, (), not_before=not_before))
+        asked = asyncio.ensure_future(
+            shared.start(["t"], Position("e", cursor), (), replay=True, not_before=not_before)
+        )
         await asyncio.sleep(0)  # its turn: it joins a read or starts one
         return asked
 
@@ -224,13 +227,13 @@ async def test_streams_share_a_read_only_if_it_was_issued_after_they_subscribed(
 async def test_a_shared_read_outlives_the_stream_that_began_it() -> None:
     reads, hub = _Reads(), _Hub()
     shared = SharedReads(reads, hub)  # type: ignore[arg-type]
-    first = asyncio.ensure_future(shared.start(["t"], None, (), not_before=0))
+    first = asyncio.ensure_future(shared.start(["t"], None, (), replay=True, not_before=0))
     await asyncio.sleep(0)
-    joined = asyncio.ensure_future(shared.start(["t"], None, (), not_before=0))
+    joined = asyncio.ensure_future(shared.start(["t"], None, (), replay=True, not_before=0))
     await asyncio.sleep(0)
     first.cancel()  # its client went away
     reads.release.set()
-    assert (await joined).upto == 1
+    assert (await joined).upto == Position("e", 1)
 
 
 async def test_streams_opening_together_share_their_first_read_and_miss_nothing(

@@ -18,21 +18,18 @@ cursor and must see every task end.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
 from kombu import Connection, Exchange, Queue
 
-from progress_sse.cli.embedded import answers, free_port, redis_server_binary
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
 from progress_sse.events import TERMINAL_STATES, State, make_event
@@ -43,8 +40,9 @@ from progress_sse.worker.celery_app import make_celery
 from progress_sse.worker.outbox import Outbox
 from progress_sse.worker.publisher import Publisher
 
-from .conftest import Server, Worker
-from .sse import SSEReader
+from .conftest import Server, Worker, worker_rig
+from .redis_servers import RestartableRedis, wait_for
+from .sse import follow
 
 # A test that kills a Redis: e2e (a real worker), fault, and bounded as a whole.
 outage = [pytest.mark.e2e, pytest.mark.fault, pytest.mark.timeout(240)]
@@ -57,53 +55,6 @@ def marked(test: Any) -> Any:
 
 
 OUTAGE = 10.0  # seconds the Redis stays down: the fault, not a wait for anything
-
-
-class RestartableRedis:
-    """A redis-server on a free port that a test kills and starts again, on the same
-    port and with the same data (the append-only file, fsynced on every write)."""
-
-    def __init__(self, directory: Path, *, persistent: bool = True) -> None:
-        self.directory = directory
-        self.persistent = persistent
-        directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                str(redis_server_binary()),
-                *("--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory)),
-                *("--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"),
-                *("--logfile", str(self.directory / "redis.log")),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: answers("127.0.0.1", self.port), 20, "the private redis-server to answer", self.process)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, process: Any = None) -> Any:
-    """Poll a condition that has nothing to wait on, with a deadline (blocking: for threads)."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 @pytest.fixture
@@ -136,25 +87,9 @@ def states(client: redis.Redis, keys: Keys, task_ids: list[str]) -> list[str | N
 
 
 async def watch_to_the_end(server: Server, task_id: str, timeout: float) -> list[dict[str, Any]]:
-    """A task's events as an EventSource sees them: when the stream breaks or ends
-    before the task does, reconnect with the last cursor, until its terminal event."""
-    events: list[dict[str, Any]] = []
-    cursor = "0"
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                url = server.url(f"/tasks/{task_id}/events?last_event_id={cursor}")
-                async with server.session.get(url) as resp:
-                    if resp.status == 200:
-                        reader = SSEReader(resp)
-                        while (event := await reader.next_event(timeout)) is not None:
-                            events.append(event.payload)
-                            cursor = event.id or cursor
-                            if event.terminal:
-                                return events
-            except (aiohttp.ClientError, ConnectionError):
-                pass
-            await asyncio.sleep(0.2)  # as EventSource's retry: the server may not be able to serve yet
+    """A task's events, its whole life, as an EventSource sees them through outages."""
+    url = server.url(f"/tasks/{task_id}/events")
+    return [frame.payload for frame in await follow(server.session, url, [task_id], cursor="0", timeout=timeout)]
 
 
 @marked
@@ -165,11 +100,7 @@ async def test_a_worker_keeps_its_running_and_prefetched_tasks_through_a_redis_o
     own = settings.with_(redis_url=private_redis.url, broker_url=private_redis.url)
     keys = Keys(own.key_prefix)
     log_path = output_dir / "outage-worker.log"
-    worker = Worker(own, log_path, concurrency=1)
-    publisher = Publisher(sync_client(own.redis_url), keys)
-    celery = make_celery(own)
-    reads = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=2)
-    try:
+    with worker_rig(own, log_path, concurrency=1) as (worker, publisher, celery, reads):
         await asyncio.to_thread(worker.wait_ready)
         server: Server = await make_server(own)
         # One pool process: `running` runs, `prefetched` waits in the worker (kombu's
@@ -213,11 +144,6 @@ async def test_a_worker_keeps_its_running_and_prefetched_tasks_through_a_redis_o
         for task_id, events in zip(tasks, seen, strict=True):
             assert events[-1]["state"] == "success", (task_id, [e["state"] for e in events])
             assert events[-1]["result"] == {"processed": 24 if task_id == running else 4}
-    finally:
-        worker.stop()
-        celery.close()
-        publisher.client.close()
-        reads.close()
 
 
 @marked
@@ -227,11 +153,7 @@ async def test_a_task_that_ends_while_redis_is_down_ends_for_its_watchers_when_i
     own = settings.with_(redis_url=private_redis.url, broker_url=private_redis.url)
     keys = Keys(own.key_prefix)
     log_path = output_dir / "outage-ends-worker.log"
-    worker = Worker(own, log_path, concurrency=1, app="tests.apps.outage")
-    publisher = Publisher(sync_client(own.redis_url), keys)
-    celery = make_celery(own)
-    reads = redis.Redis(port=private_redis.port, decode_responses=True, socket_timeout=2)
-    try:
+    with worker_rig(own, log_path, concurrency=1, app="tests.apps.outage") as (worker, publisher, celery, reads):
         await asyncio.to_thread(worker.wait_ready)
         server: Server = await make_server(own)
         task_id = queue_task(publisher, celery, "outage.ends_while_redis_is_down")
@@ -254,31 +176,19 @@ async def test_a_task_that_ends_while_redis_is_down_ends_for_its_watchers_when_i
         )
         assert f"stored the success event of task {task_id} late" in log_path.read_text()
         events = await watcher
-        assert [e["state"] for e in events][-1] == "success"
+        assert events[-1]["state"] == "success"
         assert events[-1]["result"] == "ended while Redis was down"
-        # The reports made during the outage collapsed to the latest, stored before the end.
-        during = [e for e in events if "while Redis was down" in (e.get("message") or "")]
-        assert [(e["state"], e["current"], e["total"]) for e in during] == [("progress", 5, 5)], events
-        assert events[-2] is during[0]
         assert (events[-1]["current"], events[-1]["total"]) == (5, 5)
+        # A restarted Redis is another node as far as numbers go (src/progress_sse/history.py):
+        # the watcher was told its history was reset before it got the end.
+        assert any("reason" in e for e in events[:-1]), events
+        # The reports made during the outage collapsed to the latest, stored before the end.
+        logged = [json.loads(f["d"]) for _, f in reads.xrange(keys.log(task_id))]
+        during = [e for e in logged if "while Redis was down" in (e.get("message") or "")]
+        assert [(e["state"], e["current"], e["total"]) for e in during] == [("progress", 5, 5)], logged
+        assert logged[-2] == during[0]
         stored = [f["s"] for _, f in reads.xrange(keys.log(task_id))]
         assert stored[-2:] == ["progress", "success"], stored
-    finally:
-        worker.stop()
-        celery.close()
-        publisher.client.close()
-        reads.close()
-
-
-@pytest.fixture
-def forgetful_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
-    """A broker that loses its data when it restarts."""
-    server = RestartableRedis(tmp_path / "broker", persistent=False)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @marked

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .cursors import Position
+
 
 class State(StrEnum):
     QUEUED = "queued"
@@ -152,20 +154,31 @@ def _one_line(value: str) -> str:
 class Frame:
     """One stored event of one task, ready to be written to any number of streams.
 
-    `seq` is the event's place in the one sequence all tasks share (see keys.py), so
-    it is also the SSE cursor: `id: <seq>`.
+    `seq` is the event's number in the sequence all tasks share (see keys.py) and
+    `epoch` names the history that sequence belongs to, so `<epoch>-<seq>` is the SSE
+    cursor (src/progress_sse/cursors.py). A frame without an epoch (a task's state
+    kept from a lost history) has no `id:` line: it moves no cursor.
     """
 
     task_id: str
     seq: int
     state: str
     data: str
+    epoch: str | None
     encoded: bytes = field(init=False, repr=False, compare=False)
     # for_watcher's encodings, by `messages`: made once, shared by every watcher.
     _watcher_encoded: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encoded", encode_sse(id=str(self.seq), event=self.state, data=self.data))
+        object.__setattr__(self, "encoded", encode_sse(id=self.id, event=self.state, data=self.data))
+
+    @property
+    def id(self) -> str | None:
+        return None if self.epoch is None else f"{self.epoch}-{self.seq}"
+
+    @property
+    def position(self) -> Position | None:
+        return None if self.epoch is None else Position(self.epoch, self.seq)
 
     def encoded_for_watcher(self, *, messages: bool) -> bytes:
         """`encoded`, as a watcher may see it (for_watcher), worked out once per frame
@@ -180,7 +193,7 @@ class Frame:
                 payload = self.payload()
                 seen = for_watcher(payload, messages=messages)
                 data = self.data if seen is payload else dumps(seen)
-                cached = encode_sse(id=str(self.seq), event=self.state, data=data)
+                cached = encode_sse(id=self.id, event=self.state, data=data)
             self._watcher_encoded[messages] = cached
         return cached
 
@@ -191,6 +204,26 @@ class Frame:
     def payload(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.data)
         return result
+
+
+# Why a stream starts over from current states: the `reason` of its reset frame.
+HISTORY_LOST = "history_lost"  # the history the open stream followed is gone
+CURSOR_UNKNOWN = "cursor_unknown"  # the client's cursor names no place in the current one
+_RESET_MESSAGES = {
+    HISTORY_LOST: "The event history was lost (Redis restarted without its data, failed over to a "
+    "replica that lagged behind, or evicted it). The states that follow are current.",
+    CURSOR_UNKNOWN: "The cursor (Last-Event-ID) names no place in the current event history: it is "
+    "from a history that was lost, or from another server. The states that follow are current.",
+}
+
+
+def reset_frame(reason: str, missing: list[str]) -> bytes:
+    """The history a stream followed is gone, or the client's cursor names no place
+    in the current one: current states follow, and `missing` are the stream's tasks
+    that have none now. No `id:`, so a client cut off before those states reconnects
+    with its old cursor and is told again."""
+    body = {"reason": reason, "message": _RESET_MESSAGES[reason], "missing": missing}
+    return encode_sse(event="reset", data=dumps(body))
 
 
 def unknown_task_frame(task_id: str) -> bytes:

@@ -2,7 +2,7 @@
 
 Every per-task key and channel carries `{task_id}` as a hash tag, so one task's log,
 state and notifications live in one Redis Cluster slot. Two keys are shared by all
-tasks: the sequence counter that orders every event (and so lets one SSE cursor
+tasks: the history's sequence that orders every event (and so lets one SSE cursor
 cover many tasks) and the recent-tasks index.
 """
 
@@ -60,8 +60,11 @@ class Keys:
         return f"{self.prefix}:running"
 
     @property
-    def seq(self) -> str:
-        return f"{self.prefix}:seq"
+    def history(self) -> str:
+        """Hash: `epoch`, the name of the event log's current history, and `n`, the
+        last number its sequence gave out (src/progress_sse/cursors.py). One key, so
+        the two are lost together or not at all."""
+        return f"{self.prefix}:history"
 
     @property
     def recent(self) -> str:

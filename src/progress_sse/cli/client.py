@@ -4,7 +4,10 @@ start and cancel tasks.
 `follow()` is the part that has to be right. It yields the task's events until a
 terminal one, reconnecting with the cursor (`Last-Event-ID`) whenever the
 connection drops, so the caller sees every event exactly once, in order, however
-often the network fails. It gives up (`CannotConnect`) only when no connection
+often the network fails. When the server lost the history the stream followed
+(or cannot place the cursor in its current one), it sends `event: reset`:
+`follow()` yields it as a `Reset`, then the task's current state as the server
+sends it, and keeps following. It gives up (`CannotConnect`) only when no connection
 has been healthy for `RetryPolicy.give_up_after` seconds, and at once when the
 server refuses access (`AccessRefused`: a reconnect after the token expired).
 
@@ -28,7 +31,7 @@ from urllib.parse import quote
 import aiohttp
 
 from ..events import TERMINAL_STATES
-from .decoder import SSEDecoder, SSEError
+from .decoder import SSEDecoder, SSEError, SSEFrame
 
 # The server pings every 15 s by default. Three missed pings means the connection
 # is dead even if TCP has not noticed (a NAT box forgot it, a laptop slept).
@@ -89,6 +92,22 @@ class TaskEvent:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class Reset:
+    """`event: reset`: the server's history of events was lost (`history_lost`), or it
+    could not place our cursor in its current one (`cursor_unknown`). The task's
+    current state follows, unless the task is in `missing`: then no state of it
+    survived, and its next event (if it is still running) comes on the same stream.
+
+    A reset frame has no id, so `cursor` is the one it leaves in place: resuming
+    from it gives the reset again, then the current state."""
+
+    reason: str
+    message: str
+    missing: tuple[str, ...]
+    cursor: str | None
 
 
 @dataclass(frozen=True)
@@ -167,8 +186,9 @@ async def follow(
     cursor: str | None = None,
     policy: RetryPolicy | None = None,
     token: str | None = None,
-) -> AsyncIterator[TaskEvent | Reconnecting]:
-    """Every event of the task from now (or after `cursor`) to its terminal one.
+) -> AsyncIterator[TaskEvent | Reconnecting | Reset]:
+    """Every event of the task from now (or after `cursor`) to its terminal one, and
+    a `Reset` wherever the server's history started over.
 
     Raises `TaskNotFound` on a 404, `AccessRefused` on a 401 or 403 (also on a
     reconnect: a token that expired mid-stream is not retried), and `CannotConnect` when the first connection
@@ -209,13 +229,16 @@ async def follow(
                 decoder = SSEDecoder()
                 async for chunk in resp.content.iter_any():
                     for frame in decoder.feed(chunk):
+                        # `frame.id` persists from the last frame that had an `id:` line (None
+                        # before any on this connection), so a frame without one, such as a
+                        # reset or a state that survived an older history, keeps the cursor.
                         cursor = frame.id or cursor
-                        event = _task_event(frame.event, frame.data, cursor)
+                        event = _item(frame, cursor)
                         if event is None:
                             continue
                         healthy = True
                         yield event
-                        if event.terminal:
+                        if isinstance(event, TaskEvent) and event.terminal:
                             return
                     cursor = decoder.last_event_id or cursor
             reason = "the server ended the stream before the task ended"
@@ -325,16 +348,43 @@ async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: s
     return event
 
 
+def _item(frame: SSEFrame, cursor: str | None) -> TaskEvent | Reset | None:
+    """What `follow()` yields for a frame; None for one it ignores."""
+    if frame.event == "reset":
+        return _reset(frame.data, cursor)
+    return _task_event(frame.event, frame.data, cursor)
+
+
+def _reset(data: str, cursor: str | None) -> Reset | None:
+    """A reset frame's `{"reason", "message", "missing"}`; None if it is not readable (ignored)."""
+    payload = _json_object(data)
+    if payload is None:
+        return None
+    reason, message, missing = payload.get("reason"), payload.get("message"), payload.get("missing")
+    return Reset(
+        reason if isinstance(reason, str) else "reset",
+        message if isinstance(message, str) else "",
+        tuple(m for m in missing if isinstance(m, str)) if isinstance(missing, list) else (),
+        cursor,
+    )
+
+
 def _task_event(name: str, data: str, cursor: str | None) -> TaskEvent | None:
     """The frame as a task event; None for a frame that is not one (ignored, as the protocol asks)."""
+    payload = _json_object(data)
+    if payload is None:
+        return None
+    state = payload.get("state")
+    return TaskEvent(state if isinstance(state, str) else name, payload, cursor)
+
+
+def _json_object(data: str) -> dict[str, Any] | None:
+    """A frame's data as a JSON object, or None when it is not one."""
     try:
         payload = json.loads(data)
     except ValueError:
         return None
-    if not isinstance(payload, dict):
-        return None
-    state = payload.get("state")
-    return TaskEvent(state if isinstance(state, str) else name, payload, cursor)
+    return payload if isinstance(payload, dict) else None
 
 
 def _cursor(value: Any) -> str | None:

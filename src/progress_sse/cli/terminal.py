@@ -11,6 +11,10 @@
 - `JsonRenderer` (`--json`): one JSON object per line, the event's payload plus
   its `cursor`.
 
+A `reset` of the server's history is one line in every mode (`reset_line`; in
+JSON, `{"reset": reason, "message", "missing", "cursor"}`), then the states that
+follow are shown as they come.
+
 Rate, ETA and elapsed time come from the events' own `ts`, not from when they
 arrived: a watch that joins late, or resumes and receives a burst of stored
 events, still shows the task's real pace. Only differences between two `ts`
@@ -37,7 +41,7 @@ from rich.spinner import Spinner
 from rich.table import Column
 from rich.text import Text
 
-from .client import Reconnecting, TaskEvent
+from .client import Reconnecting, Reset, TaskEvent
 
 # The rate is the slope over the events of the last RATE_WINDOW seconds (task
 # time): long enough to smooth out jitter, short enough to follow a change of pace.
@@ -94,6 +98,16 @@ class TaskView:
                 self._anchor_ts = ts
             self._last_ts = ts
             self._sample(ts)
+
+    def reset(self, missing: bool) -> None:
+        """The server's history started over: the pace measured so far is void. A task
+        with no state left (`missing`) shows none of its old figures, only that it
+        waits for its next event."""
+        self._samples.clear()
+        self.rate, self._eta = None, None
+        if missing:
+            self.current, self.total, self.percent, self.message = 0, None, None, None
+            self.notice = "history lost; waiting for the task's next event"
 
     def _sample(self, ts: float) -> None:
         if self._samples and self.current < self._samples[-1][1]:
@@ -181,9 +195,22 @@ class Renderer:
     def reconnecting(self, notice: Reconnecting) -> None:
         raise NotImplementedError
 
+    def reset(self, reset: Reset) -> None:
+        raise NotImplementedError
+
 
 def reconnect_text(notice: Reconnecting) -> str:
     return f"connection lost ({notice.reason}); reconnecting in {notice.delay:.1f} s (attempt {notice.attempt})"
+
+
+def reset_line(reset: Reset, task_id: str) -> str:
+    """The one line that says the history was reset, and why; it starts with `reset`, as
+    plain lines start with their state."""
+    why = clean(reset.message) if reset.message else "the server's event history started over."
+    line = f"reset ({clean(reset.reason)}): {why}"
+    if task_id in reset.missing:
+        line += " No state of this task survived; waiting for its next event."
+    return line
 
 
 class JsonRenderer(Renderer):
@@ -200,6 +227,11 @@ class JsonRenderer(Renderer):
 
     def reconnecting(self, notice: Reconnecting) -> None:
         print(f"progress-sse: {reconnect_text(notice)}", file=self.err, flush=True)
+
+    def reset(self, reset: Reset) -> None:
+        line = {"reset": reset.reason, "message": reset.message, "missing": list(reset.missing), "cursor": reset.cursor}
+        self.out.write(json.dumps(line) + "\n")
+        self.out.flush()
 
 
 class PlainRenderer(Renderer):
@@ -234,6 +266,11 @@ class PlainRenderer(Renderer):
 
     def reconnecting(self, notice: Reconnecting) -> None:
         print(f"progress-sse: {reconnect_text(notice)}", file=self.err, flush=True)
+
+    def reset(self, reset: Reset) -> None:
+        self.view.reset(self.view.task_id in reset.missing)
+        self._print(reset_line(reset, self.view.task_id))
+        self._last = None  # the state that follows is news, even if it reads as before
 
 
 def plain_line(view: TaskView) -> str:
@@ -348,6 +385,11 @@ class LiveRenderer(Renderer):
     def reconnecting(self, notice: Reconnecting) -> None:
         self.view.notice = reconnect_text(notice)
         self.progress.refresh()
+
+    def reset(self, reset: Reset) -> None:
+        self.view.reset(self.view.task_id in reset.missing)
+        self.progress.console.print(Text(f"↺ {reset_line(reset, self.view.task_id)}", style="yellow"))
+        self._update_bar()
 
     def _update_bar(self) -> None:
         view = self.view

@@ -82,7 +82,9 @@ def add_parsers(sub: Any) -> None:
             "--json",
             action="store_true",
             dest="json_lines",
-            help="print each event as one JSON object per line (its payload plus 'cursor') instead of a bar",
+            help="print each event as one JSON object per line (its payload plus 'cursor') instead of a bar; "
+            'when the server\'s history was reset, one line {"reset": REASON, "message": ..., '
+            '"missing": [TASK_ID...], "cursor": ...} (no \'state\'), then the states that follow',
         )
         p.add_argument(
             "--retry-for",
@@ -382,7 +384,7 @@ async def watch(
     Cancelled (by Ctrl-C: `_interruptible`), it says on stderr that the task goes on
     and how to cancel it; `url_flag`, the --url given if any, goes into that command
     (the token never does)."""
-    from .client import AccessRefused, ClientError, Reconnecting, follow
+    from .client import AccessRefused, ClientError, Reconnecting, Reset, follow
     from .terminal import make_renderer
 
     renderer = make_renderer(task_id, json_lines=json_lines)
@@ -391,6 +393,11 @@ async def watch(
             async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy, token=token):
                 if isinstance(item, Reconnecting):
                     renderer.reconnecting(item)
+                    continue
+                if isinstance(item, Reset):
+                    # Not an end: the task's current state follows, or its next event
+                    # when no state of it survived.
+                    renderer.reset(item)
                     continue
                 renderer.event(item)
                 if item.terminal:

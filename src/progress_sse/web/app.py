@@ -122,9 +122,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = Keys(settings.key_prefix)
     client = web_client(settings)
     hub_redis = hub_client(settings)
-    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer)
     app[REDIS] = client
-    app[STORE] = Store(client, keys)
+    app[STORE] = Store(client, keys, history_ttl=settings.history_ttl)
+    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer, new_epoch=app[STORE].new_epoch)
     app[HUB] = hub
     app[STREAMS] = EventStream(
         hub,

@@ -28,7 +28,7 @@ BROKER_RETRY: dict[str, Any] = {"max_retries": 2, "interval_start": 0, "interval
 REVOKE_GRACE = 1.5
 
 
-def queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]) -> int | None:
+def queue(app: web.Application, task_id: str, name: str, kwargs: dict[str, Any]) -> str | None:
     """Store `queued`, then publish; if publishing fails, forget the task again so
     nothing is left half-queued. Runs in a thread: both calls block."""
     publisher = app[PUBLISHER]

@@ -6,14 +6,19 @@ Order of work, and why it is gapless and exactly-once:
 1. `hub.watch()` registers the watcher and returns once Redis confirmed the
    subscription, so from here on every new event reaches the watcher's inbox.
 2. `store.start()` reads, in one transaction, each task's current state (or its
-   log after the client's cursor) and the shared sequence value `upto`. Every event
-   of these tasks with a cursor <= `upto` is thereby sent or summed up by a state.
-3. Live frames with a cursor <= the stream's position are dropped; every other one
+   log after the client's cursor) and the history's position `upto`. Every event
+   of these tasks at or before `upto` is thereby sent or summed up by a state.
+3. Live frames at or before the stream's position are dropped; every other one
    is sent and moves the position. Cursors come from one sequence shared by all
    tasks and pub/sub keeps publish order, so the ids a client sees only increase,
-   and `Last-Event-ID` is one number that covers every task on the stream.
-4. On a resync signal (subscriber reconnect, or an inbox overflow) the log after
-   the position is read the same way.
+   and `Last-Event-ID` is one cursor that covers every task on the stream.
+4. On a resync signal (subscriber reconnect, an inbox overflow, or the hub hearing
+   that the history changed) the log after the position is read the same way.
+5. A position names its history (src/progress_sse/cursors.py). When that history
+   is gone (the read in 4 finds another epoch, or a sequence that went back), or
+   the client's cursor names no place in the current one (`cursor_unknown`), the
+   stream sends a reset frame and every task's current state, and goes on from
+   the new history's position: never silent, never a silent skip.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ..events import PING, Frame, unknown_task_frame
+from .. import cursors
+from ..cursors import Cursor, Position
+from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
 from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
 from .errors import error
 from .hub import Hub, HubUnavailable, Signal, Watcher
@@ -57,17 +64,21 @@ SSE_HEADERS = {
 }
 
 
-def parse_cursor(request: web.Request) -> int | None:
-    """`Last-Event-ID` (winning) or `?last_event_id=`; anything malformed is no cursor."""
+def parse_cursor(request: web.Request) -> Cursor | None:
+    """`Last-Event-ID` (winning) or `?last_event_id=`: see cursors.parse."""
     raw = request.headers.get("Last-Event-ID")
     if raw is None:
         raw = request.query.get("last_event_id")
-    if raw is None:
-        return None
-    raw = raw.strip()
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-        return None
-    return int(raw)
+    return cursors.parse(raw)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Frames a stream writes together. `head` goes first: a reset frame, when these
+    frames start over from the current states."""
+
+    frames: list[Frame]
+    head: bytes = b""
 
 
 class ClientStalled(Exception):
@@ -127,7 +138,12 @@ class Live:
         """`before`, then the frames, as this stream's client may see them, in one write."""
         await self.write(before + b"".join(self.encode(frame) for frame in frames))
 
-    async def batches(self, tasks: Callable[[], Collection[str]], position: int) -> AsyncGenerator[list[Frame], None]:
+    async def send_batch(self, batch: Batch) -> None:
+        await self.send(batch.frames, before=batch.head)
+
+    async def batches(self, tasks: Callable[[], Collection[str]], position: Position) -> AsyncGenerator[Batch, None]:
+        epoch, n = position.epoch, position.n  # two locals: read for every frame
+        left: set[str] = set()  # histories this stream left: their stragglers are no news
         while not self.watcher.closed:
             # Items the stream drops (duplicates) must not postpone the ping.
             now = self._clock()
@@ -143,14 +159,37 @@ class Live:
             for item in [first, *self.watcher.pending()]:
                 if item is Signal.CLOSE:
                     break
-                if item is Signal.RESYNC:
-                    frames, position = await self.store.after(tasks(), position)
-                    batch += frames
-                elif item.seq > position and item.task_id in tasks():
-                    batch.append(item)
-                    position = item.seq
+                if isinstance(item, Frame):
+                    if item.epoch == epoch:
+                        if item.seq > n and item.task_id in tasks():
+                            batch.append(item)
+                            n = item.seq
+                        continue
+                    if item.epoch in left:
+                        continue
+                # A resync, or a frame of a history this stream has not seen: read
+                # where its tasks stand since its position.
+                catchup = await self.store.after(tasks(), Position(epoch, n))
+                if not catchup.lost:
+                    batch += catchup.frames
+                    n = catchup.upto.n
+                    continue
+                if batch:
+                    yield Batch(batch)
+                    batch = []
+                left.add(epoch)
+                reset, upto = await self.reset(tasks(), HISTORY_LOST)
+                epoch, n = upto.epoch, upto.n
+                yield reset
             if batch:
-                yield batch
+                yield Batch(batch)
+
+    async def reset(self, tasks: Collection[str], reason: str) -> tuple[Batch, Position]:
+        """Start over: a reset frame, then each task's current state (read now), and
+        the position they are as of."""
+        start = await self.store.start(sorted(tasks), None)
+        missing = [t.task_id for t in start.tasks if not t.known]
+        return Batch(start.frames(), reset_frame(reason, missing)), start.upto
 
 
 @dataclass
@@ -161,15 +200,16 @@ class Opened:
     streams: EventStream
     watcher: Watcher
     ids: list[str]
-    cursor: int | None
+    cursor: Cursor | None
     response: web.StreamResponse | None = field(default=None, init=False)
 
-    async def start(self, fresh: Iterable[str] = (), *, resume: bool = True) -> Start:
-        """Where each task stands for this stream (store.start, from the client's
-        cursor unless not `resume`), shared with the other streams opening on the
-        same tasks from the same cursor."""
-        cursor = self.cursor if resume else None
-        return await self.streams.reads.start(self.ids, cursor, fresh, not_before=self.watcher.confirmed)
+    async def start(self, fresh: Iterable[str] = (), *, replay: bool = True) -> Start:
+        """Where each task stands for this stream (store.start from the client's
+        cursor, replaying the events after it unless not `replay`), shared with the
+        other streams opening on the same tasks from the same cursor."""
+        return await self.streams.reads.start(
+            self.ids, self.cursor, fresh, replay=replay, not_before=self.watcher.confirmed
+        )
 
     async def begin(self) -> Live:
         """Send the response's headers: from here on the stream is the client's."""
@@ -217,23 +257,27 @@ class SharedReads:
         self._inflight: dict[tuple[Any, ...], _Read] = {}
         self.shared = 0  # reads saved (tests and benchmarks read it)
 
-    async def start(self, ids: Sequence[str], cursor: int | None, fresh: Iterable[str], *, not_before: int) -> Start:
-        key = (tuple(ids), cursor, frozenset(fresh))
+    async def start(
+        self, ids: Sequence[str], cursor: Cursor | None, fresh: Iterable[str], *, replay: bool, not_before: int
+    ) -> Start:
+        key = (tuple(ids), cursor, frozenset(fresh), replay)
         found = self._inflight.get(key)
         if found is not None and found.task is not None and (found.issued is None or found.issued >= not_before):
             self.shared += 1
             return await asyncio.shield(found.task)
         read = _Read()
-        read.task = asyncio.ensure_future(self._issue(read, list(ids), cursor, key[2]))
+        read.task = asyncio.ensure_future(self._issue(read, list(ids), cursor, key[2], replay))
         self._inflight[key] = read
         read.task.add_done_callback(lambda done: self._finished(key, read))
         # Shielded: a client that goes away must not cancel the read the others share.
         return await asyncio.shield(read.task)
 
-    async def _issue(self, read: _Read, ids: list[str], cursor: int | None, fresh: frozenset[str]) -> Start:
+    async def _issue(
+        self, read: _Read, ids: list[str], cursor: Cursor | None, fresh: frozenset[str], replay: bool
+    ) -> Start:
         await asyncio.sleep(0)  # the streams registered in this turn may still join
         read.issued = self.hub.generation
-        return await self.store.start(ids, cursor, fresh)
+        return await self.store.start(ids, cursor, fresh, replay=replay)
 
     def _finished(self, key: tuple[Any, ...], read: _Read) -> None:
         if self._inflight.get(key) is read:
@@ -341,24 +385,34 @@ class EventStream:
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
     ) -> web.StreamResponse:
+        fresh = frozenset(fresh)
         async with self.opened(request, task_ids) as stream:
             start = await stream.start(fresh)
             known = [t for t in start.tasks if t.known]
-            if single and not known:
+            unknown = [t.task_id for t in start.tasks if not t.known]
+            # A client with a cursor knew these tasks: their history is gone, but a
+            # worker may still run them, so they are watched. It is told by a reset
+            # now, or was before this reconnect if the history is younger than a
+            # task's keys live (else the task may just have expired). A task it adds
+            # (`fresh`) or names without a cursor is one the server may never have known.
+            lost = start.reset or (start.resumed and start.young)
+            missing = [t for t in unknown if t not in fresh] if lost else []
+            if single and not known and not missing:
                 raise error(web.HTTPNotFound, f"There is no task {task_ids[0]!r} (or its history has expired).")
             frames = start.frames()
-            waiting = {t.task_id for t in known if not t.terminal}
+            waiting = {t.task_id for t in known if not t.terminal} | set(missing)
             if start.resumed and not waiting and not frames:
                 return web.Response(status=204)  # EventSource stops reconnecting on 204
 
             live = await stream.begin()
-            unknown = b"".join(unknown_task_frame(t.task_id) for t in start.tasks if not t.known)
-            await live.send(frames, before=PING + unknown)
+            head = reset_frame(start.reset, missing) if start.reset else b""
+            head += b"".join(unknown_task_frame(task_id) for task_id in unknown if task_id not in missing)
+            await live.send(frames, before=PING + head)
             if waiting:
                 async with contextlib.aclosing(live.batches(lambda: waiting, start.upto)) as batches:
                     async for batch in batches:
-                        await live.send(batch)
-                        waiting.difference_update(frame.task_id for frame in batch if frame.terminal)
+                        await live.send_batch(batch)
+                        waiting.difference_update(frame.task_id for frame in batch.frames if frame.terminal)
                         if not waiting:
                             break
             return await stream.end()

@@ -18,7 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of
+from ..cursors import Position
+from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of, reset_frame
 from .delivery import EventStream
 from .errors import error
 from .store import Store
@@ -87,34 +88,47 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
 
     async with streams.opened(request, known_members, group=group_id) as stream:
         ids, cursor = stream.ids, stream.cursor
-        start = await stream.start(resume=False)  # the aggregate is a state: it starts from the current one
+        start = await stream.start(replay=False)  # the aggregate is a state: it starts from the current one
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
-        last_seq = max((f.seq for f in latest.values()), default=0)
 
         def ended() -> bool:
             return len(latest) == len(ids) and all(f.terminal for f in latest.values())
 
-        if ended() and cursor is not None and cursor >= last_seq:
-            return web.Response(status=204)
+        def newest() -> Frame | None:
+            """The member frame the aggregate is as of: its id is the group frame's."""
+            return max((f for f in latest.values() if f.id), key=lambda f: f.seq, default=None)
+
+        last = newest()
+        if ended() and start.resumed and last is not None and last.position is not None:
+            if isinstance(cursor, Position) and cursor.covers(last.position):
+                return web.Response(status=204)
 
         live = await stream.begin()
 
-        def frame(seq: int) -> bytes:
+        def frame(changed: Frame | None) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))
-            return encode_sse(id=str(seq), event="group", data=dumps(body))
+            return encode_sse(id=changed.id if changed else None, event="group", data=dumps(body))
 
-        await live.write(PING + frame(last_seq))
+        missing = [t.task_id for t in start.tasks if not t.known]
+        head = reset_frame(start.reset, missing) if start.reset else b""
+        await live.write(PING + head + frame(last))
         every = frozenset(ids)  # looked up for every frame: a set, not a list
         if not ended():
             async with contextlib.aclosing(live.batches(lambda: every, start.upto)) as batches:
                 async for batch in batches:
+                    if batch.head:  # started over: the aggregate is made again from current states
+                        latest = {member.task_id: member for member in batch.frames}
+                        await live.write(batch.head + frame(newest()))
+                        if ended():
+                            break
+                        continue
                     # Fold the members' frames into the aggregate; a member that has
                     # ended stays ended (a late frame of it changes nothing).
-                    changed = 0
-                    for member in batch:
+                    changed: Frame | None = None
+                    for member in batch.frames:
                         if not (latest.get(member.task_id) and latest[member.task_id].terminal):
                             latest[member.task_id] = member
-                            changed = member.seq
+                            changed = member
                     if changed:
                         await live.write(frame(changed))
                         if ended():

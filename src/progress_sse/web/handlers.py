@@ -83,7 +83,7 @@ async def start_task(request: web.Request) -> web.Response:
         "status_url": location,
         "events_url": f"{location}/events",
         # The queued event's: a stream resumed from just before it shows every event.
-        "cursor": str(cursor),
+        "cursor": cursor,
         **workers,
     }
     token = request.app[ACCESS].watch_token_for(task_id, grant)

@@ -23,12 +23,13 @@ import contextlib
 import enum
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..cursors import Position, parse_id
 from ..events import Frame
 from ..keys import Keys
 
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 class Signal(enum.Enum):
-    RESYNC = "resync"  # read the log from your position: live messages may be missing
+    # Read the log from your position: live messages may be missing, or the history
+    # may have changed (then the stream starts over from current states).
+    RESYNC = "resync"
     CLOSE = "close"  # the server is shutting down
 
 
@@ -170,6 +173,7 @@ class Hub:
         subscribe_timeout: float = 10.0,
         idle_ping: float = 30.0,
         backoff: tuple[float, float] = (0.05, 5.0),
+        new_epoch: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
         # `client` must not retry on its own: redis-py's pub/sub would reconnect
         # and resubscribe silently, and the messages in between would be lost.
@@ -179,6 +183,9 @@ class Hub:
         self._subscribe_timeout = subscribe_timeout
         self._idle_ping = idle_ping
         self._backoff = backoff
+        # Renames a history whose sequence went back (Store.new_epoch).
+        self._new_epoch = new_epoch
+        self._last: Position | None = None  # the last message's number
         self._channels: dict[str, _Channel] = {}
         self._watchers: set[Watcher] = set()
         self._active: set[str] = set()  # SUBSCRIBE sent on this connection, not undone
@@ -347,18 +354,47 @@ class Hub:
                 self._confirmed(message["channel"])
 
     def _dispatch(self, name: str, data: str) -> None:
-        channel = self._channels.get(name)
-        if channel is None:
-            return  # unsubscribed meanwhile
         try:
-            seq, state, payload = data.split("\n", 2)
-            frame = Frame(self._keys.task_of_channel(name), int(seq), state, payload)
+            id, state, payload = data.split("\n", 2)
+            position = parse_id(id)
         except ValueError:
             # Not ours (someone PUBLISHed by hand): drop it, never let it stop the hub.
             log.warning("progress-sse ignored a malformed message on %s: %.80r", name, data)
             return
+        self._follow(position)
+        channel = self._channels.get(name)
+        if channel is None:
+            return  # unsubscribed meanwhile
+        frame = Frame(self._keys.task_of_channel(name), position.n, state, payload, position.epoch)
         for watcher in channel.watchers:
             watcher.deliver(frame)
+
+    def _follow(self, position: Position) -> None:
+        """Messages come in the order their numbers were given out. One of another
+        history, or numbered at or below the last one heard, means the history was
+        lost (a restart without data, a failover to a replica that lagged): every
+        stream then reads where it stands, and starts over if its history is gone.
+        A sequence that went back first gets a new epoch, so that no cursor handed
+        out before can pass for a position in what follows."""
+        last, self._last = self._last, position
+        if last is None or (position.epoch == last.epoch and position.n > last.n):
+            return
+        log.warning("progress-sse: the event history changed (%s after %s): streams start over", position, last)
+        if position.epoch == last.epoch and self._new_epoch is not None:
+            self._spawn(self._renamed(self._new_epoch(position.epoch)))
+        else:
+            self._resync_every()
+
+    async def _renamed(self, renaming: Awaitable[str]) -> None:
+        try:
+            await renaming
+        except (RedisError, OSError) as exc:  # the streams' own reads try again
+            log.warning("progress-sse could not give the event history a new epoch: %s", exc)
+        self._resync_every()
+
+    def _resync_every(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.deliver(Signal.RESYNC)
 
     def _confirmed(self, name: str) -> None:
         self._unconfirmed[name] -= 1

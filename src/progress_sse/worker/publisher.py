@@ -20,7 +20,9 @@ import redis
 
 from ..config import Settings
 from ..connections import sync_client
+from ..cursors import new_epoch
 from ..events import TERMINAL_STATES, State, dumps, finite_number, make_event
+from ..history import HISTORY_LUA
 from ..keys import Keys
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,14 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
 _PREV_IS_TERMINAL = " or ".join(f"prev == '{state}'" for state in sorted(TERMINAL_STATES))
 
-_APPEND = f"""
-local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq')
+_APPEND = (
+    HISTORY_LUA
+    + f"""
+local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch')
 local prev = cur[1]
 if prev then
   -- The same call again (redis-py retried after a reply was lost): already stored.
-  if cur[2] == ARGV[8] then return tonumber(cur[3]) end
+  if cur[2] == ARGV[8] then return cur[4] .. '-' .. cur[3] end
   if {_PREV_IS_TERMINAL} then
     return 0
   end
@@ -48,10 +52,17 @@ end
 -- Stored only from these states when given: '|queued|', '|-|' for a task without one.
 if ARGV[9] ~= '' and not string.find(ARGV[9], '|' .. (prev or '-') .. '|', 1, true) then return 0 end
 local ttl = tonumber(ARGV[5])
-local seq = redis.call('INCR', KEYS[3])
+local epoch, since = history(KEYS[3], ARGV[10])
+local seq = redis.call('HINCRBY', KEYS[3], 'n', 1)
+-- The task's log holds numbers the current history gives out again (the sequence
+-- was lost and started over): it is of a history that is gone.
+if prev and cur[4] ~= epoch and tonumber(cur[3]) > since then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'events', 0)
+end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'latest', ARGV[4], 'eid', ARGV[8])
-if #ARGV > 9 then redis.call('HSET', KEYS[1], unpack(ARGV, 10)) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'epoch', epoch, 'latest', ARGV[4], 'eid', ARGV[8])
+if #ARGV > 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
 redis.call('HINCRBY', KEYS[1], 'events', 1)
 if not prev then
   redis.call('HSET', KEYS[1], 'created_at', ARGV[7])
@@ -66,9 +77,11 @@ elseif prev == 'queued' then
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-redis.call('PUBLISH', ARGV[1], seq .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
-return seq
+local id = epoch .. '-' .. seq
+redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
+return id
 """
+)
 
 
 @dataclass(eq=False)
@@ -104,10 +117,10 @@ class Publisher:
         *,
         only_if: Collection[State | None] = (),
         **fields: str | float | int,
-    ) -> int | None:
+    ) -> str | None:
         """Store and announce `event`; extra `fields` go into the task's state hash.
 
-        Returns the event's cursor, or None when the task was already terminal (or a
+        Returns the event's cursor (`<epoch>-<n>`), or None when the task was already terminal (or a
         second `queued` came), or, with `only_if`, was in none of those states (None:
         no state yet): the event was refused and nothing changed. Raises on Redis
         errors; the signal handlers use `publish_quietly`.
@@ -121,11 +134,11 @@ class Publisher:
         pairs: list[str | float | int] = []
         for key, value in fields.items():
             pairs += [key, value]
-        seq = self._append(
+        stored = self._append(
             keys=[
                 self.keys.state(task_id),
                 self.keys.log(task_id),
-                self.keys.seq,
+                self.keys.history,
                 self.keys.recent,
                 self.keys.queued,
             ],
@@ -139,18 +152,19 @@ class Publisher:
                 event["ts"],
                 uuid.uuid4().hex,  # makes a retried call idempotent
                 "".join(f"|{state or '-'}|" for state in only_if),
+                new_epoch(),  # the history's name, should this write begin one
                 *pairs,
             ],
         )
-        return int(seq) or None
+        return None if stored == 0 else _text(stored)
 
-    def publish_quietly(self, event: Mapping[str, Any], **fields: str | float | int) -> int | None:
+    def publish_quietly(self, event: Mapping[str, Any], **fields: str | float | int) -> str | None:
         """`publish` that logs instead of raising: for code running inside Celery.
 
         While Redis is unreachable only the first failure is logged with its
         traceback, not each of the 20 progress events a second a task may send."""
         try:
-            seq = self.publish(event, only_if=(), **fields)
+            cursor = self.publish(event, only_if=(), **fields)
         except CONNECTION_ERRORS as exc:
             if not self._unreachable:
                 self._unreachable = True
@@ -173,7 +187,7 @@ class Publisher:
         if self._unreachable:
             self._unreachable = False
             log.warning("progress-sse stores events again: Redis answers")
-        return seq
+        return cursor
 
     def finish(
         self,
@@ -185,7 +199,7 @@ class Publisher:
         message: str | None = None,
         only_if: Collection[State | None] = (),
         **extra: Any,
-    ) -> int | None:
+    ) -> str | None:
         """End the task's run with `state` (a terminal state, or `retry`): the one
         way the bridge, a cancel and the reaper end a task. `only_if`: as `publish`'s.
 
@@ -268,3 +282,7 @@ class Publisher:
         pipe.zrem(self.keys.recent, task_id)
         pipe.zrem(self.keys.queued, task_id)
         pipe.execute()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
