@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from progress_sse.cli.embedded import answers, free_port, redis_server_binary
 
 
@@ -58,3 +60,96 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, process: Any =
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
     return result
+
+
+class SentinelGroup:
+    """A master, one replica and one Sentinel watching them (quorum 1, a master is
+    down after 1 s without an answer), each a redis-server of the test's own on a
+    free port, without persistence. `lag()` stops the replica, so the master takes
+    writes it never sees; `fail_over()` then kills the master and lets the replica
+    go on: the Sentinel promotes a replica that lags behind."""
+
+    SERVICE = "progress"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.master_port, self.replica_port, self.sentinel_port = free_port(), free_port(), free_port()
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.SERVICE}/0"
+
+    def start(self) -> None:
+        self._server("master", self.master_port)
+        self._server("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
+
+        def attached() -> bool:
+            info = self._info(self.master_port)
+            return info.get("connected_slaves") == 1 and info["slave0"]["state"] == "online"
+
+        wait_for(attached, 20, "the replica to attach")
+        conf = self.directory / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+            f"sentinel failover-timeout {self.SERVICE} 10000\n"
+        )
+        self._spawn("sentinel", [str(conf), "--sentinel", "--logfile", str(self.directory / "sentinel.log")])
+        wait_for(lambda: answers("127.0.0.1", self.sentinel_port), 20, "the Sentinel to answer")
+        # It learns of the replica from the master's INFO, which it asks at once.
+        wait_for(lambda: self._sentinel("replicas", self.SERVICE), 20, "the Sentinel to know the replica")
+
+    def master(self) -> int:
+        _, port = self._sentinel("get-master-addr-by-name", self.SERVICE)
+        return int(port)
+
+    def lag(self) -> None:
+        """Stop the replica, and have the master drop its link: what the master sends
+        now would otherwise wait in the replica's socket and reach it after all."""
+        self.processes["replica"].send_signal(signal.SIGSTOP)
+        with redis.Redis(port=self.master_port, socket_timeout=2) as master:
+            master.client_kill_filter(_type="replica")
+
+    def fail_over(self) -> None:
+        """Kill the master, let the replica run again, and wait until the Sentinel
+        has made it the master."""
+        self.processes["master"].send_signal(signal.SIGKILL)
+        self.processes["master"].wait(10)
+        self.processes["replica"].send_signal(signal.SIGCONT)
+        wait_for(lambda: self.master() == self.replica_port, 60, "the Sentinel to promote the replica")
+        wait_for(lambda: self._info(self.replica_port)["role"] == "master", 30, "the replica to take the role")
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+                process.wait(10)
+
+    def _server(self, name: str, port: int, *extra: str) -> None:
+        self._spawn(
+            name,
+            [
+                *("--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.directory)),
+                *("--save", "", "--appendonly", "no", "--dbfilename", f"{name}.rdb"),
+                *("--logfile", str(self.directory / f"{name}.log"), *extra),
+            ],
+        )
+        wait_for(lambda: answers("127.0.0.1", port), 20, f"the {name} to answer", self.processes[name])
+
+    def _spawn(self, name: str, arguments: list[str]) -> None:
+        self.processes[name] = subprocess.Popen(
+            [str(redis_server_binary()), *arguments], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def _info(self, port: int) -> dict[str, Any]:
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as client:
+            info: dict[str, Any] = client.info("replication")
+            return info
+
+    def _sentinel(self, *command: str) -> Any:
+        with redis.Redis(port=self.sentinel_port, decode_responses=True, socket_timeout=2) as client:
+            return client.execute_command("SENTINEL", *command)

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .redis_urls import FORM as SENTINEL_FORM
+from .redis_urls import is_sentinel_url, parse_sentinel
+
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
 _T = TypeVar("_T")
@@ -164,8 +167,14 @@ def _get(environ: Mapping[str, str], setting: Setting, default: _T) -> _T:
 def _redis_url(raw: str) -> str:
     # Events live in Redis whatever the broker is: an amqp:// URL here would only
     # fail later, with a traceback, when the first client connects.
+    if is_sentinel_url(raw):
+        parse_sentinel(raw)  # says what is wrong with it
+        return raw
     if not is_redis_url(raw) or "://" not in raw:
-        raise ValueError("expected a Redis URL: redis://host:6379/0, rediss://… or unix:///path/redis.sock")
+        raise ValueError(
+            "expected a Redis URL: redis://host:6379/0, rediss://…, unix:///path/redis.sock "
+            f"or, for a Redis watched by Sentinel, {SENTINEL_FORM}"
+        )
     return raw
 
 
@@ -183,7 +192,7 @@ def _matching(pattern: str, expected: str) -> Callable[[str], str]:
 
 # The transports Celery users run; Sentinel is a Redis one.
 _broker_url = _matching(
-    r"(redis|rediss|unix|sentinel|amqp|amqps|pyamqp|memory)://.*",
+    r"(redis|rediss|unix|sentinel|redis\+sentinel|amqp|amqps|pyamqp|memory)://.*",
     "a Celery broker URL such as redis://localhost:6379/0 or amqp://host//",
 )
 

@@ -3,30 +3,47 @@
 Each kind has its own timeouts and retry policy, chosen for who waits on it, and
 a client name, so `CLIENT LIST` tells them apart (tests and benchmarks find the
 hub's one connection by `hub_client_name`).
+
+A `redis+sentinel://` URL (redis_urls.py) gives the same clients, connected to
+whichever node the Sentinels name as the master: redis-py asks them again
+whenever a connection is made, so after a failover the next connection, and
+with it every retry and the hub's reconnect, goes to the new master.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 import redis.asyncio as aioredis
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from .config import Settings
+from .redis_urls import SentinelURL, is_sentinel_url, parse_sentinel
 
 
 def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
     """For the worker side (and the web's writes, run in threads): fails fast. A
     task must never hang on, or retry for ever against, a Redis that is down."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        health_check_interval=30,
-        client_name=name,
-    )
+    options: dict[str, Any] = {
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        "health_check_interval": 30,
+        "client_name": name,
+    }
+    if is_sentinel_url(url):
+        where = parse_sentinel(url)
+        # redis-py's sync Sentinel has no type hints.
+        sentinels = redis.sentinel.Sentinel(where.sentinels, sentinel_kwargs=_sentinel_kwargs(where))  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinels.master_for(where.service, **_node_kwargs(where), **options)  # type: ignore[no-untyped-call]
+        return client
+    return redis.Redis.from_url(url, **options)
 
 
 # The web's reads share this many connections. A call finding them all busy (a
@@ -39,29 +56,61 @@ WEB_POOL_WAIT = 10.0
 
 def web_client(settings: Settings) -> aioredis.Redis:
     """The web process's reads and control calls: a short retry rides out a blip."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=WEB_POOL_SIZE,
-        timeout=WEB_POOL_WAIT,
-        decode_responses=True,
-        socket_connect_timeout=2.0,
-        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-        client_name="progress-sse-web",
-    )
+    options: dict[str, Any] = {
+        "max_connections": WEB_POOL_SIZE,
+        "timeout": WEB_POOL_WAIT,
+        "decode_responses": True,
+        "socket_connect_timeout": 2.0,
+        "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        "client_name": "progress-sse-web",
+    }
+    if is_sentinel_url(settings.redis_url):
+        return _async_sentinel_client(settings.redis_url, _BlockingSentinelPool, options)
+    pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
     return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
 def hub_client(settings: Settings) -> aioredis.Redis:
     """The hub's one pub/sub connection, without retries: the hub reconnects by
     itself, and must know when it has to (web/hub.py)."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=2.0,
-        retry=AsyncRetry(NoBackoff(), 0),
-        client_name=hub_client_name(settings.key_prefix),
-    )
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 2.0,
+        "retry": AsyncRetry(NoBackoff(), 0),
+        "client_name": hub_client_name(settings.key_prefix),
+    }
+    if is_sentinel_url(settings.redis_url):
+        return _async_sentinel_client(settings.redis_url, SentinelConnectionPool, options)
+    return aioredis.Redis.from_url(settings.redis_url, **options)
 
 
 def hub_client_name(key_prefix: str) -> str:
     return f"progress-sse-hub.{key_prefix}"
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool (the master's address asked of the Sentinels) with the
+    waiting of BlockingConnectionPool: see WEB_POOL_SIZE."""
+
+
+def _async_sentinel_client(
+    url: str, pool_class: type[SentinelConnectionPool], options: dict[str, Any]
+) -> aioredis.Redis:
+    where = parse_sentinel(url)
+    sentinels = AsyncSentinel(where.sentinels, sentinel_kwargs=_sentinel_kwargs(where))  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinels.master_for(
+        where.service, connection_pool_class=pool_class, **_node_kwargs(where), **options
+    )
+    return client
+
+
+def _node_kwargs(where: SentinelURL) -> dict[str, Any]:
+    return {"db": where.db, "username": where.username, "password": where.password}
+
+
+def _sentinel_kwargs(where: SentinelURL) -> dict[str, Any]:
+    # The Sentinels are asked on every new connection: they must answer fast too.
+    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    if where.sentinel_password is not None:
+        kwargs.update(username=where.sentinel_username, password=where.sentinel_password)
+    return kwargs

@@ -23,9 +23,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Celery, signals
+from redis.sentinel import SentinelConnectionPool
 
 from ..config import Settings, is_redis_url
 from ..events import State, dumps, json_safe, make_event
+from ..redis_urls import from_kombu
 from . import broker, kombu_redis, progress
 from .outbox import Outbox
 from .progress import Coalescer
@@ -120,6 +122,9 @@ def _settings_for(app: Celery | None) -> Settings:
     if isinstance(broker, list | tuple):  # failover brokers: the first is the primary
         broker = broker[0] if broker else None
     if isinstance(broker, str):
+        behind_sentinel = from_kombu(broker, dict(app.conf.broker_transport_options or {}))
+        if behind_sentinel is not None:
+            return settings.with_(redis_url=behind_sentinel)
         broker = broker.split(";", 1)[0].strip()
         if is_redis_url(broker):
             return settings.with_(redis_url=broker)
@@ -130,7 +135,12 @@ def _where(publisher: Publisher) -> str:
     """Where events go, for the one log line that makes a mismatch with the web visible."""
     pool = publisher.client.connection_pool
     kwargs = pool.connection_kwargs  # read back from the client: it never holds the password in view
-    if "path" in kwargs:
+    if isinstance(pool, SentinelConnectionPool):  # the master Sentinel names, whichever node that is now
+        service = pool.service_name
+        addresses = (s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels)
+        sentinels = ",".join(f"{a.get('host')}:{a.get('port')}" for a in addresses)
+        place = f"redis+sentinel://{sentinels}/{service}/{kwargs.get('db', 0)}"
+    elif "path" in kwargs:
         place = f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
     else:
         scheme = "rediss" if pool.connection_class.__name__ == "SSLConnection" else "redis"

@@ -5,11 +5,16 @@ from __future__ import annotations
 from celery import Celery
 
 from ..config import Settings
+from ..redis_urls import is_sentinel_url, parse_sentinel
 
 
 def make_celery(settings: Settings, *, main: str = "progress_sse") -> Celery:
-    app = Celery(main, broker=settings.broker_url)
+    broker, transport_options = settings.broker_url, dict[str, object]()
+    if is_sentinel_url(broker):  # kombu names a Redis behind Sentinel its own way
+        broker, transport_options = parse_sentinel(broker).kombu()
+    app = Celery(main, broker=broker)
     app.conf.update(
+        broker_transport_options=transport_options,
         task_default_queue=settings.queue,
         broker_connection_retry_on_startup=True,
         # Progress lives in Redis; a result backend is the app's own choice, not ours.
