@@ -72,7 +72,6 @@ class Store:
         self.keys = keys
         self.history_ttl = history_ttl
         self._rotate = client.register_script(RENAME_LUA)
-        self._read_history = client.register_script(READ_LUA)
 
     async def task(self, task_id: str) -> dict[str, str] | None:
         raw = await self.client.hgetall(self.keys.state(task_id))
@@ -86,10 +85,11 @@ class Store:
         found = await pipe.execute()
         return {task_id: str(group) for task_id, group in zip(task_ids, found, strict=True) if group}
 
-    async def _history(self, pipe: Any) -> None:
-        """Queue the read of where the current history stands (history.py): with a
-        pipeline as `client`, awaiting the script queues it."""
-        await self._read_history(keys=[self.keys.history], args=[new_epoch()], client=pipe)
+    def _history(self, pipe: Any) -> None:
+        """Queue the read of where the current history stands (history.py). EVAL of
+        the text, not a registered script: redis-py sends SCRIPT EXISTS before every
+        pipeline that holds one, a round trip more for each stream that opens."""
+        pipe.eval(READ_LUA, 1, self.keys.history, new_epoch())
 
     async def start(
         self, task_ids: Sequence[str], cursor: Cursor | None, fresh: Iterable[str] = (), *, replay: bool = True
@@ -102,7 +102,7 @@ class Store:
         fresh = frozenset(fresh)
         after = cursor.n if isinstance(cursor, Position) and replay else None
         pipe = self.client.pipeline(transaction=True)
-        await self._history(pipe)
+        self._history(pipe)
         for task_id in task_ids:
             pipe.hmget(self.keys.state(task_id), _STATE_FIELDS)
             if after is not None:
@@ -162,7 +162,7 @@ class Store:
         position in what follows (docs/protocol.md, "Cursors")."""
         task_ids = list(task_ids)
         pipe = self.client.pipeline(transaction=True)
-        await self._history(pipe)
+        self._history(pipe)
         for task_id in task_ids:
             pipe.hget(self.keys.state(task_id), "epoch")
             pipe.xrange(self.keys.log(task_id), f"{position.n + 1}-0", "+")
