@@ -24,17 +24,19 @@ import aiohttp
 import pytest
 import redis
 from celery import Celery
+from redis.cluster import ClusterNode, RedisCluster
 
 from progress_sse.cli.embedded import EmbeddedRedis, answers
 from progress_sse.config import Settings
-from progress_sse.connections import sync_client
+from progress_sse.connections import keys_for, sync_client
 from progress_sse.keys import Keys
+from progress_sse.redis_urls import is_cluster_url, parse_cluster
 from progress_sse.web import create_app
 from progress_sse.worker.celery_app import make_celery
 from progress_sse.worker.publisher import Publisher
 
 from .redis_cleanup import forget_run
-from .redis_servers import RestartableRedis
+from .redis_servers import LocalCluster, RestartableRedis, redis7_server
 
 TEST_DB = 13
 
@@ -64,25 +66,104 @@ def run_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_backends` (the core end-to-end suite) run on one Redis and
+    again on a Redis Cluster: every fixture below `settings` follows `backend`."""
+    if metafunc.definition.get_closest_marker("both_backends") and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ["redis", "cluster"], indirect=True, scope="session")
+
+
 @pytest.fixture(scope="session")
-def settings(redis_url: str, run_id: str) -> Settings:
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of the run's own (tests/redis_servers.py), made on first use.
+    Without Redis 7 on the PATH its tests skip and say why; in CI they fail."""
+    if not os.environ.get("CI"):
+        try:
+            redis7_server()
+        except AssertionError as missing:
+            pytest.skip(str(missing))
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(redis_url: str, run_id: str, backend: str, request: pytest.FixtureRequest) -> Settings:
+    # On a cluster the events move there; the broker stays on the one Redis (kombu
+    # has no cluster transport), with a queue of that backend's own.
+    events = request.getfixturevalue("local_cluster").url if backend == "cluster" else redis_url
     return Settings(
-        redis_url=redis_url,
+        redis_url=events,
         broker_url=redis_url,
         key_prefix=f"pst-{run_id}",
-        queue=f"pst-{run_id}",
+        queue=f"pst-{run_id}" if backend == "redis" else f"pst-{run_id}-{backend}",
         host="127.0.0.1",
     )
 
 
 @pytest.fixture(scope="session")
 def redis_client(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    """The events' Redis (a cluster client on a cluster), as text."""
+    client = redis_for_tests(settings.redis_url)
     yield client
     # Only what this run made: its keys, and its entries in kombu's shared tables.
-    assert settings.key_prefix == settings.queue, "one marker names everything the run makes"
+    assert settings.queue.startswith(settings.key_prefix), "one marker names everything the run makes"
     forget_run(client, settings.key_prefix)
     client.close()
+    if settings.broker_url != settings.redis_url:
+        with redis.Redis.from_url(settings.broker_url, decode_responses=True) as broker:
+            forget_run(broker, settings.key_prefix)
+
+
+def redis_for_tests(url: str) -> redis.Redis:
+    if is_cluster_url(url):
+        nodes = [ClusterNode(host, port) for host, port in parse_cluster(url).nodes]
+        cluster: redis.Redis = RedisCluster(startup_nodes=nodes, decode_responses=True)  # type: ignore[assignment]
+        return cluster
+    return redis.Redis.from_url(url, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def broker_client(settings: Settings) -> Iterator[redis.Redis]:
+    """Celery's broker, as text: where queued messages wait (on a cluster backend,
+    not the events' Redis)."""
+    client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def subscribers(client: redis.Redis, channel: str) -> int:
+    """How many connections subscribe to `channel` (sharded on a cluster)."""
+    if isinstance(client, RedisCluster):  # asked of the master that serves it now
+        client.nodes_manager.initialize()
+        owner = client.get_node_from_key(channel)
+        ((_, count),) = client.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=owner)
+        return int(count)
+    ((_, count),) = client.pubsub_numsub(channel)
+    return int(count)
+
+
+def kill_connections(client: redis.Redis, name: str) -> int:
+    """Kill the pub/sub connections named `name`, on whichever node they are."""
+    nodes: list[Any] = [None]
+    if isinstance(client, RedisCluster):
+        client.nodes_manager.initialize()  # a failover may have moved things since
+        nodes = client.get_nodes()
+    killed = 0
+    for node in nodes:
+        target = {"target_nodes": node} if node is not None else {}
+        for connection in client.client_list(_type="pubsub", **target):
+            if connection["name"] == name:
+                killed += client.client_kill_filter(_id=connection["id"], **target)
+    return killed
 
 
 @pytest.fixture
@@ -90,8 +171,9 @@ def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
     """Key names under a prefix of this test's own: its sequence and index hold only
     its events. Its keys are deleted afterwards."""
     prefix = f"{settings.key_prefix}-{uuid.uuid4().hex[:8]}"
-    yield Keys(prefix)
-    found = list(redis_client.scan_iter(match=f"{prefix}:*", count=1000))
+    made = keys_for(settings.with_(key_prefix=prefix))
+    yield made
+    found = list(redis_client.scan_iter(match=f"{made.root}:*", count=1000))
     if found:
         redis_client.delete(*found)
 

@@ -3,7 +3,9 @@ shared Redis (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -153,3 +155,127 @@ class SentinelGroup:
     def _sentinel(self, *command: str) -> Any:
         with redis.Redis(port=self.sentinel_port, decode_responses=True, socket_timeout=2) as client:
             return client.execute_command("SENTINEL", *command)
+
+
+class LocalCluster:
+    """A Redis Cluster of six redis-servers of the test run's own (three masters,
+    each with a replica), on free ports, without persistence. `fail_over(slot)`
+    promotes the replica of the master that serves `slot`, as an operator's
+    `CLUSTER FAILOVER` does."""
+
+    def __init__(self, directory: Path, size: int = 6) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ports = [_cluster_port() for _ in range(size)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports[:3])
+
+    def start(self) -> None:
+        for port in self.ports:
+            node = self.directory / str(port)
+            node.mkdir(exist_ok=True)
+            self.processes[port] = subprocess.Popen(
+                [
+                    redis7_server(),
+                    *("--bind", "127.0.0.1", "--port", str(port), "--dir", str(node)),
+                    *("--save", "", "--appendonly", "no", "--cluster-enabled", "yes"),
+                    *("--cluster-config-file", str(node / "nodes.conf"), "--cluster-node-timeout", "2000"),
+                    *("--logfile", str(node / "redis.log")),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        for port in self.ports:
+            wait_for(lambda port=port: answers("127.0.0.1", port), 20, f"cluster node {port}", self.processes[port])
+        created = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                *("--cluster-replicas", "1", "--cluster-yes"),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert created.returncode == 0, created.stdout.decode()[-2000:] + created.stderr.decode()[-2000:]
+        wait_for(self._settled, 30, "the cluster to settle")
+
+    def _settled(self) -> bool:
+        for port in self.ports:
+            with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as node:
+                info = node.execute_command("CLUSTER", "INFO")
+                if "cluster_state:ok" not in info:
+                    return False
+                roles = node.info("replication")
+                if roles["role"] == "slave" and roles.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def is_master(self, port: int) -> bool:
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as node:
+            return bool(node.info("replication")["role"] == "master")
+
+    def owner(self, slot: int) -> int:
+        """The port of the master that serves `slot`."""
+        with redis.Redis(port=self.ports[0], decode_responses=True, socket_timeout=2) as node:
+            for start, end, master, *_ in node.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        raise AssertionError(f"no master serves slot {slot}")
+
+    def fail_over(self, slot: int) -> int:
+        """Promote the replica of `slot`'s master; the new master's port."""
+        master = self.owner(slot)
+        with redis.Redis(port=master, decode_responses=True, socket_timeout=2) as node:
+            master_id = node.execute_command("CLUSTER", "MYID")
+        replica = next(port for port in self.ports if self._replica_of(port, master_id))
+        with redis.Redis(port=replica, decode_responses=True, socket_timeout=2) as node:
+            node.execute_command("CLUSTER", "FAILOVER")
+        wait_for(lambda: self.owner(slot) == replica, 30, "the replica to take the slot over")
+        wait_for(self._settled, 30, "the cluster to settle after the failover")
+        return replica
+
+    def _replica_of(self, port: int, master_id: str) -> bool:
+        with redis.Redis(port=port, decode_responses=True, socket_timeout=2) as node:
+            _, _, flags, master, *_ = _own_line(node).split()
+            return "slave" in flags and master == master_id
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+def _own_line(node: redis.Redis) -> str:
+    return next(line for line in node.execute_command("CLUSTER", "NODES").splitlines() if "myself" in line)
+
+
+def redis7_server() -> str:
+    """A redis-server of Redis 7 or later (sharded pub/sub): the system's, which CI
+    installs (.ci/run); the embedded extra's is older."""
+    found = shutil.which("redis-server")
+    assert found, "no redis-server on PATH: install Redis 7 (Debian: apt-get install redis-server)"
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, check=True).stdout
+    major = int(version.split("v=", 1)[1].split(".", 1)[0])
+    assert major >= 7, f"{found} is Redis {major}: a cluster with sharded pub/sub needs Redis 7"
+    return found
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 above) is free and valid too."""
+    while True:
+        port = free_port()
+        if port > 55_535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port

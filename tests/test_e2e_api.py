@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 from progress_sse.config import Settings
-from progress_sse.connections import sync_client
+from progress_sse.connections import keys_for, sync_client
 from progress_sse.events import State, make_event
 from progress_sse.keys import Keys
 from progress_sse.web import NO_WORKER
@@ -19,7 +19,7 @@ from progress_sse.worker.publisher import Publisher
 
 from .conftest import Server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_backends]
 
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
@@ -32,9 +32,12 @@ async def idle(make_server: Any, settings: Settings) -> AsyncIterator[Server]:
 
 
 def queued_count(redis_client: redis.Redis, settings: Settings) -> tuple[int, int]:
+    """Messages waiting in the idle queue (on the broker) and tasks in the recent index."""
+    with redis.Redis.from_url(settings.broker_url) as broker:
+        waiting = broker.llen(f"{settings.queue}-idle")
     return (
-        redis_client.llen(f"{settings.queue}-idle"),
-        redis_client.zcard(Keys(settings.key_prefix).recent),
+        waiting,
+        redis_client.zcard(keys_for(settings).recent),
     )
 
 
@@ -140,7 +143,7 @@ async def test_cancel_without_a_broker_still_cancels_waiting_tasks_and_says_so_f
     make_server: Any, settings: Settings
 ) -> None:
     server: Server = await make_server(settings.with_(broker_url="redis://127.0.0.1:1/0"))
-    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    publisher = Publisher(sync_client(settings.redis_url), keys_for(settings))
     waiting, running = str(uuid.uuid4()), str(uuid.uuid4())
     publisher.publish(make_event(waiting, "demo.count", State.QUEUED))
     publisher.publish(make_event(running, "demo.count", State.STARTED))
@@ -160,18 +163,18 @@ async def test_a_server_that_cannot_publish_says_why_instead_of_blaming_the_brok
     # A transport that does not load stands for the import error of a missing dependency.
     celery = Celery("broken", broker="nosuchtransport://localhost")
     server: Server = await make_server(settings, celery=celery)
-    recent = redis_client.zcard(Keys(settings.key_prefix).recent)
+    recent = redis_client.zcard(keys_for(settings).recent)
     async with server.session.post(server.url("/tasks"), json={"name": "demo.count"}) as resp:
         assert resp.status == 500
         error = (await resp.json())["error"]
     assert error.startswith("This server cannot use its task queue (KeyError); nothing was queued."), error
     assert "broker" not in error.lower(), "the broker is not at fault"
     assert "nosuchtransport" not in error, "the details are for the log, not for any client"
-    assert redis_client.zcard(Keys(settings.key_prefix).recent) == recent
+    assert redis_client.zcard(keys_for(settings).recent) == recent
 
     # Cancelling a running task needs the broker too: the same answer, not "not answering".
     running = str(uuid.uuid4())
-    publisher = Publisher(sync_client(settings.redis_url), Keys(settings.key_prefix))
+    publisher = Publisher(sync_client(settings.redis_url), keys_for(settings))
     publisher.publish(make_event(running, "demo.count", State.STARTED))
     publisher.client.close()
     async with server.session.delete(server.url(f"/tasks/{running}")) as resp:
@@ -226,12 +229,12 @@ async def test_unreachable_broker_gets_503_and_leaves_nothing_behind(
     make_server: Any, settings: Settings, redis_client: redis.Redis
 ) -> None:
     server: Server = await make_server(settings.with_(broker_url="redis://127.0.0.1:1/0"))
-    recent = redis_client.zcard(Keys(settings.key_prefix).recent)
+    recent = redis_client.zcard(keys_for(settings).recent)
     async with server.session.post(server.url("/tasks"), json={"name": "demo.count"}) as resp:
         assert resp.status == 503
         assert resp.headers["Retry-After"] == "2"
         assert "not answering; nothing was queued" in (await resp.json())["error"]
-    assert redis_client.zcard(Keys(settings.key_prefix).recent) == recent
+    assert redis_client.zcard(keys_for(settings).recent) == recent
 
 
 @pytest.mark.parametrize(

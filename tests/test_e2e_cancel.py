@@ -15,7 +15,7 @@ from progress_sse.config import Settings
 from .conftest import Server, Worker, wait_until
 from .sse import SSEReader
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker")]
+pytestmark = [pytest.mark.e2e, pytest.mark.both_backends, pytest.mark.usefixtures("worker")]
 
 
 def progressed(e: Any) -> bool:
@@ -40,13 +40,13 @@ async def test_revoking_a_running_task_terminates_it(server: Server) -> None:
 
 
 async def test_revoking_a_queued_task_tells_watchers_at_once(
-    make_server: Any, settings: Settings, redis_client: redis.Redis
+    make_server: Any, settings: Settings, redis_client: redis.Redis, broker_client: redis.Redis
 ) -> None:
     # No worker consumes this queue: the task stays queued until it is revoked.
     idle = settings.with_(queue=f"{settings.queue}-nobody")
     server: Server = await make_server(idle)
     task_id = await server.start_task("demo.count", n=3)
-    assert redis_client.llen(idle.queue) == 1
+    assert broker_client.llen(idle.queue) == 1
     async with server.session.get(server.url(f"/tasks/{task_id}/events")) as resp:
         reader = SSEReader(resp)
         first = await reader.next_event()
@@ -82,19 +82,19 @@ async def test_killed_pool_process_ends_in_failure(server: Server) -> None:
 
 
 async def test_task_revoked_while_no_worker_was_up_is_not_run_later(
-    make_server: Any, settings: Settings, redis_client: redis.Redis, output_dir: Any
+    make_server: Any, settings: Settings, redis_client: redis.Redis, broker_client: redis.Redis, output_dir: Any
 ) -> None:
     late = settings.with_(queue=f"{settings.queue}-late")
     server: Server = await make_server(late)
     task_id = await server.start_task("demo.count", n=3, delay=0.01)
     async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
         assert resp.status == 202
-    assert redis_client.llen(late.queue) == 1, "still waiting in the broker"
+    assert broker_client.llen(late.queue) == 1, "still waiting in the broker"
 
     worker = Worker(late, output_dir / "late-worker.log", concurrency=1)
     try:
         await asyncio.to_thread(worker.wait_ready)
-        await wait_until(lambda: redis_client.llen(late.queue) == 0, what="the late worker to take the message")
+        await wait_until(lambda: broker_client.llen(late.queue) == 0, what="the late worker to take the message")
         await wait_until(
             lambda: "revoked" in worker.log_path.read_text() and task_id in worker.log_path.read_text(),
             what="the worker to discard the revoked task",

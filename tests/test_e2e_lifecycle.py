@@ -10,7 +10,7 @@ import pytest
 from .conftest import Server
 from .sse import SSEEvent, SSEReader, numbers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker")]
+pytestmark = [pytest.mark.e2e, pytest.mark.both_backends, pytest.mark.usefixtures("worker")]
 
 
 async def history(server: Server, task_id: str) -> list[SSEEvent]:

@@ -13,17 +13,16 @@ import redis
 from aiohttp import web
 
 from progress_sse.config import Settings
-from progress_sse.connections import hub_client_name, sync_client
+from progress_sse.connections import hub_client_name, keys_for, sync_client
 from progress_sse.cursors import parse_id
 from progress_sse.events import State, make_event
-from progress_sse.keys import Keys
 from progress_sse.web import HUB, delivery
 from progress_sse.worker.publisher import Publisher
 
-from .conftest import Server, wait_until
+from .conftest import Server, kill_connections, subscribers, wait_until
 from .sse import SSEEvent, SSEReader
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("worker")]
+pytestmark = [pytest.mark.e2e, pytest.mark.both_backends, pytest.mark.usefixtures("worker")]
 
 
 async def history(server: Server, task_id: str) -> list[SSEEvent]:
@@ -170,16 +169,16 @@ async def test_disconnect_releases_handler_and_subscription(
     server: Server, settings: Settings, redis_client: redis.Redis
 ) -> None:
     task_id = await server.start_task("demo.count", n=400, delay=0.05)
-    channel = Keys(settings.key_prefix).channel(task_id)
+    channel = keys_for(settings).channel(task_id)
     hub = server.app[HUB]
     try:
         async with server.session.get(server.url(f"/tasks/{task_id}/events")) as resp:
             assert await SSEReader(resp).next_event() is not None
             assert hub.watcher_count == 1
-            assert redis_client.pubsub_numsub(channel) == [(channel, 1)]
+            assert subscribers(redis_client, channel) == 1
             resp.close()  # the client goes away mid-stream
         await wait_until(lambda: hub.watcher_count == 0, what="the handler to let go of its watcher")
-        await wait_until(lambda: redis_client.pubsub_numsub(channel) == [(channel, 0)], what="the unsubscribe")
+        await wait_until(lambda: subscribers(redis_client, channel) == 0, what="the unsubscribe")
         assert task_id not in hub.subscribed_tasks
     finally:
         async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
@@ -198,10 +197,8 @@ async def test_watchers_miss_nothing_when_the_subscriber_connection_is_killed(
         readers = [SSEReader(one), SSEReader(many)]
         before = [await r.until(progressed(5)) for r in readers]
 
-        name = hub_client_name(settings.key_prefix)
-        mine = [c for c in redis_client.client_list(_type="pubsub") if c["name"] == name]
-        assert len(mine) == 1, "one pub/sub connection per web process"
-        redis_client.client_kill_filter(_id=mine[0]["id"])
+        killed = kill_connections(redis_client, hub_client_name(settings.key_prefix))
+        assert killed == 1, "one pub/sub connection per web process"
 
         after = [await r.rest(timeout=60) for r in readers]
     assert hub.connections >= 2, "the hub reconnected"
@@ -243,7 +240,7 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
     a reconnect used to overtake the resync and skip what was missed.)"""
     prefix = f"{settings.key_prefix}-kills"
     server: Server = await make_server(settings.with_(key_prefix=prefix))
-    keys = Keys(prefix)
+    keys = keys_for(settings.with_(key_prefix=prefix))
     publisher = Publisher(sync_client(settings.redis_url), keys)
     task_id = str(uuid.uuid4())
     publisher.publish(make_event(task_id, "load", State.QUEUED))
@@ -265,8 +262,7 @@ async def test_stream_misses_nothing_across_repeated_subscriber_kills_under_load
         try:
             for _ in range(5):
                 got += await reader.until(lambda e: True)
-                mine = [c for c in redis_client.client_list(_type="pubsub") if c["name"] == hub_client_name(prefix)]
-                redis_client.client_kill_filter(_id=mine[0]["id"])
+                assert kill_connections(redis_client, hub_client_name(prefix)) == 1
                 first = parse_id(str(got[-1].id)).n
                 got += await reader.until(lambda e, first=first: parse_id(str(e.id)).n > first + 300)
         finally:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .redis_urls import CLUSTER_FORM, is_cluster_url, is_sentinel_url, parse_cluster, parse_sentinel
 from .redis_urls import FORM as SENTINEL_FORM
-from .redis_urls import is_sentinel_url, parse_sentinel
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -137,6 +137,16 @@ def redacted(url: str) -> str:
     return url
 
 
+def check_broker(settings: Settings) -> None:
+    """Where progress-sse makes the Celery app (the web, `progress-sse worker`), not
+    where it joins one: an app of the user's brings its own broker."""
+    if is_cluster_url(settings.broker_url):
+        raise ConfigError(
+            "REDIS_URL names a Redis Cluster, which holds the events but cannot be Celery's broker "
+            "(kombu has no cluster transport): set CELERY_BROKER_URL to a Redis or another broker"
+        )
+
+
 def is_redis_url(url: str) -> bool:
     """A URL redis-py connects to (the broker URL may be another transport)."""
     return urlsplit(url).scheme in ("redis", "rediss", "unix")
@@ -170,10 +180,13 @@ def _redis_url(raw: str) -> str:
     if is_sentinel_url(raw):
         parse_sentinel(raw)  # says what is wrong with it
         return raw
+    if is_cluster_url(raw):
+        parse_cluster(raw)
+        return raw
     if not is_redis_url(raw) or "://" not in raw:
         raise ValueError(
             "expected a Redis URL: redis://host:6379/0, rediss://…, unix:///path/redis.sock "
-            f"or, for a Redis watched by Sentinel, {SENTINEL_FORM}"
+            f"or, for a Redis watched by Sentinel, {SENTINEL_FORM}, or, for a Redis Cluster, {CLUSTER_FORM}"
         )
     return raw
 

@@ -7,24 +7,34 @@ hub's one connection by `hub_client_name`).
 A `redis+sentinel://` URL (redis_urls.py) gives the same clients, connected to
 whichever node the Sentinels name as the master: redis-py asks them again
 whenever a connection is made, so after a failover the next connection, and
-with it every retry and the hub's reconnect, goes to the new master.
+with it every retry and the hub's reconnect, goes to the new master. A
+`redis+cluster://` URL gives the same again, for the master that serves the one
+slot all of progress-sse's keys share there (cluster.py); the worker side uses
+redis-py's cluster client, which follows the slot by itself.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.cluster
 import redis.sentinel
+from redis._parsers.encoders import Encoder
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+from .cluster import BlockingSlotConnectionPool, SlotConnectionPool
 from .config import Settings
-from .redis_urls import SentinelURL, is_sentinel_url, parse_sentinel
+from .keys import Keys
+from .redis_urls import SentinelURL, is_cluster_url, is_sentinel_url, parse_cluster, parse_sentinel
 
 
 def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
@@ -37,6 +47,9 @@ def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
         "health_check_interval": 30,
         "client_name": name,
     }
+    if is_cluster_url(url):
+        lazy: redis.Redis = LazyCluster(url, options)  # type: ignore[assignment]  # the commands are the same
+        return lazy
     if is_sentinel_url(url):
         where = parse_sentinel(url)
         # redis-py's sync Sentinel has no type hints.
@@ -64,6 +77,8 @@ def web_client(settings: Settings) -> aioredis.Redis:
         "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "client_name": "progress-sse-web",
     }
+    if is_cluster_url(settings.redis_url):
+        return _slot_client(settings, BlockingSlotConnectionPool, options)
     if is_sentinel_url(settings.redis_url):
         return _async_sentinel_client(settings.redis_url, _BlockingSentinelPool, options)
     pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
@@ -79,9 +94,61 @@ def hub_client(settings: Settings) -> aioredis.Redis:
         "retry": AsyncRetry(NoBackoff(), 0),
         "client_name": hub_client_name(settings.key_prefix),
     }
+    if is_cluster_url(settings.redis_url):
+        return _slot_client(settings, SlotConnectionPool, options)
     if is_sentinel_url(settings.redis_url):
         return _async_sentinel_client(settings.redis_url, SentinelConnectionPool, options)
     return aioredis.Redis.from_url(settings.redis_url, **options)
+
+
+class LazyCluster:
+    """redis-py's sync RedisCluster, made on first use. Made at once, it connects to
+    the nodes there and then: a worker could not start while the cluster is away,
+    where with one Redis it starts and keeps its events in its outbox. A cluster out
+    of reach is a ConnectionError, as a Redis that does not answer is."""
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url, self._options = url, options
+        self._client: redis.cluster.RedisCluster | None = None
+        self._making = threading.Lock()
+
+    def _cluster(self) -> redis.cluster.RedisCluster:
+        with self._making:
+            if self._client is None:
+                nodes = parse_cluster(self.url)
+                startup = [redis.cluster.ClusterNode(host, port) for host, port in nodes.nodes]  # type: ignore[no-untyped-call]
+                try:
+                    self._client = redis.cluster.RedisCluster(
+                        startup_nodes=startup, username=nodes.username, password=nodes.password, **self._options
+                    )
+                except RedisClusterException as exc:
+                    raise redis.ConnectionError(f"the cluster at {self.url} is out of reach: {exc}") from exc
+            return self._client
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)  # type: ignore[arg-type]  # its hash is worked out here, unconnected
+
+    def get_encoder(self) -> Encoder:  # what Script asks its client for
+        return Encoder("utf-8", "strict", False)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cluster(), name)
+
+
+def keys_for(settings: Settings) -> Keys:
+    """The key names for the Redis `settings` name (on a cluster, all in one slot)."""
+    return Keys(settings.key_prefix, cluster=is_cluster_url(settings.redis_url))
+
+
+def _slot_client(settings: Settings, pool_class: type[SlotConnectionPool], options: dict[str, Any]) -> aioredis.Redis:
+    nodes = parse_cluster(settings.redis_url)
+    slot_key = keys_for(settings).history  # any of its keys: they share the slot
+    pool = pool_class(nodes, slot_key, username=nodes.username, password=nodes.password, **options)
+    return aioredis.Redis.from_pool(pool)
 
 
 def hub_client_name(key_prefix: str) -> str:

@@ -1,5 +1,10 @@
-"""The Redis URLs progress-sse takes beyond redis-py's own: a Redis watched by
-Sentinel, named wherever a Redis URL goes (README.md, "Redis Sentinel").
+"""The Redis URLs progress-sse takes beyond redis-py's own, named wherever a Redis
+URL goes: a Redis watched by Sentinel (README.md, "Redis Sentinel") and a Redis
+Cluster (README.md, "Redis Cluster").
+
+    redis+cluster://[[user]:password@]host:port[,host:port…]
+
+names a cluster by some of its nodes (any will do: the rest are found from them).
 
     redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/<service>[/<db>]
 
@@ -43,6 +48,44 @@ class SentinelURL:
         return url, options
 
 
+CLUSTER_SCHEME = "redis+cluster"
+CLUSTER_FORM = "redis+cluster://[:password@]host:port[,host:port…]"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterURL:
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(f"{CLUSTER_SCHEME}://")
+
+
+def parse_cluster(url: str) -> ClusterURL:
+    """ValueError, saying what is wrong, for anything not of the form in CLUSTER_FORM."""
+    if not is_cluster_url(url):
+        raise ValueError(f"expected {CLUSTER_FORM}")
+    authority, _, rest = url[len(CLUSTER_SCHEME) + 3 :].partition("/")
+    if rest.strip("/"):
+        raise ValueError(f"a cluster has no databases or options here: expected {CLUSTER_FORM}")
+    hosts, username, password = _authority(authority)
+    nodes = tuple(_address(part, default_port=6379) for part in hosts.split(",") if part.strip())
+    if not nodes:
+        raise ValueError(f"no node address: expected {CLUSTER_FORM}")
+    return ClusterURL(nodes, username, password)
+
+
+def _authority(authority: str) -> tuple[str, str | None, str | None]:
+    """`[[user]:password@]hosts` as hosts, user and password (percent-decoded)."""
+    credentials, at, hosts = authority.rpartition("@")
+    if not at:
+        return authority, None, None
+    user, colon, secret = credentials.partition(":")
+    return hosts, unquote(user) or None, unquote(secret) if colon else None
+
+
 def from_kombu(broker: str, options: dict[str, object]) -> str | None:
     """A Celery app's broker, in kombu's Sentinel form (`sentinel://…;sentinel://…`
     with `master_name` in its transport options), as a URL of ours; None if it is
@@ -71,9 +114,7 @@ def parse_sentinel(url: str) -> SentinelURL:
     rest = url[len(SENTINEL_SCHEME) + 3 :]
     authority, _, path_and_query = rest.partition("/")
     path, _, query = path_and_query.partition("?")
-    credentials, at, hosts = authority.rpartition("@")
-    if not at:
-        hosts, credentials = authority, ""
+    hosts, username, password = _authority(authority)
     sentinels = tuple(_address(part) for part in hosts.split(",") if part.strip())
     if not sentinels:
         raise ValueError(f"no Sentinel address: expected {FORM}")
@@ -85,11 +126,6 @@ def parse_sentinel(url: str) -> SentinelURL:
         if not segments[1].isdigit():
             raise ValueError(f"the database must be a number, not {segments[1]!r}")
         db = int(segments[1])
-    username, password = None, None
-    if credentials:
-        user, colon, secret = credentials.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
     options = {key: values[-1] for key, values in parse_qs(query).items()}
     unknown = set(options) - {"sentinel_password", "sentinel_username"}
     if unknown:
@@ -105,13 +141,13 @@ def parse_sentinel(url: str) -> SentinelURL:
     )
 
 
-def _address(part: str) -> tuple[str, int]:
+def _address(part: str, default_port: int = SENTINEL_PORT) -> tuple[str, int]:
     # urlsplit knows IPv6 brackets and ports; a scheme makes it read the part as a host.
     parsed = urlsplit(f"//{part.strip()}")
     if not parsed.hostname:
         raise ValueError(f"{part!r} is not a host[:port]")
     try:
-        port = parsed.port or SENTINEL_PORT
+        port = parsed.port or default_port
     except ValueError:
         raise ValueError(f"{part!r} has no valid port") from None
     return parsed.hostname, port

@@ -87,6 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
     try:
         settings = _settings(args)
+        config.check_broker(settings)  # before any child starts
     except ConfigError as exc:
         return failed(exc, 2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -16,8 +16,7 @@ from celery import Celery
 from ..allowlist import AllowList
 from ..allowlist import load as load_allowlist
 from ..config import Settings
-from ..connections import hub_client, web_client
-from ..keys import Keys
+from ..connections import hub_client, keys_for, web_client
 from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
@@ -119,12 +118,12 @@ def create_app(
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    keys = Keys(settings.key_prefix)
+    keys = keys_for(settings)
     client = web_client(settings)
     hub_redis = hub_client(settings)
     app[REDIS] = client
     app[STORE] = Store(client, keys, history_ttl=settings.history_ttl)
-    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer, new_epoch=app[STORE].new_epoch)
+    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer, new_epoch=app[STORE].new_epoch, sharded=keys.cluster)
     app[HUB] = hub
     app[STREAMS] = EventStream(
         hub,

@@ -174,10 +174,15 @@ class Hub:
         idle_ping: float = 30.0,
         backoff: tuple[float, float] = (0.05, 5.0),
         new_epoch: Callable[[str], Awaitable[str]] | None = None,
+        sharded: bool = False,
     ) -> None:
         # `client` must not retry on its own: redis-py's pub/sub would reconnect
         # and resubscribe silently, and the messages in between would be lost.
         self._client = client
+        # Sharded pub/sub (a cluster: SSUBSCRIBE, which only the slot's nodes carry).
+        # A `sunsubscribe` we did not ask for says the slot left this node.
+        self._sharded = sharded
+        self._dropping: Counter[str] = Counter()  # sunsubscribes asked for, not yet answered
         self._keys = keys
         self._buffer = buffer
         self._subscribe_timeout = subscribe_timeout
@@ -299,7 +304,7 @@ class Hub:
             syncer: asyncio.Task[None] | None = None
             try:
                 self._pubsub = pubsub
-                await pubsub.subscribe(self._keys.control_channel)
+                await self._subscribe(pubsub, self._keys.control_channel)
                 if self._closing:  # the cancellation may have been lost in redis-py's connect
                     return
                 self.connections += 1
@@ -307,6 +312,7 @@ class Hub:
                 delay = self._backoff[0]
                 self._active.clear()
                 self._unconfirmed.clear()
+                self._dropping.clear()
                 syncer = asyncio.create_task(self._sync(pubsub))
                 self._dirty.set()
                 if not first:
@@ -348,10 +354,16 @@ class Hub:
                 continue
             awaiting_pong = False
             kind = message["type"]
-            if kind == "message":
+            if kind in ("message", "smessage"):
                 self._dispatch(message["channel"], message["data"])
-            elif kind == "subscribe":
+            elif kind in ("subscribe", "ssubscribe"):
                 self._confirmed(message["channel"])
+            elif kind == "sunsubscribe" and message["channel"] not in self._dropping:
+                raise ConnectionError(f"the slot of {message['channel']} left this node")
+            elif kind == "sunsubscribe":
+                self._dropping[message["channel"]] -= 1
+                if self._dropping[message["channel"]] <= 0:
+                    del self._dropping[message["channel"]]
 
     def _dispatch(self, name: str, data: str) -> None:
         try:
@@ -432,9 +444,19 @@ class Hub:
             if not self._unconfirmed[name] and not channel.ready.done():
                 self._ready(channel)
         if add:
-            await pubsub.subscribe(*add)
+            await self._subscribe(pubsub, *add)
         if drop:
-            await pubsub.unsubscribe(*drop)
+            if self._sharded:
+                self._dropping.update(drop)  # Counter: one more answer due per channel
+                await pubsub.sunsubscribe(*drop)
+            else:
+                await pubsub.unsubscribe(*drop)
+
+    async def _subscribe(self, pubsub: Any, *channels: str) -> None:
+        if self._sharded:
+            await pubsub.ssubscribe(*channels)
+        else:
+            await pubsub.subscribe(*channels)
 
     async def _resync_all(self) -> None:
         """After a reconnect: once every channel is confirmed again, each watcher reads

@@ -25,7 +25,8 @@ from typing import Any
 from celery import Celery, signals
 from redis.sentinel import SentinelConnectionPool
 
-from ..config import Settings, is_redis_url
+from ..config import Settings, is_redis_url, redacted
+from ..connections import LazyCluster
 from ..events import State, dumps, json_safe, make_event
 from ..redis_urls import from_kombu
 from . import broker, kombu_redis, progress
@@ -133,6 +134,8 @@ def _settings_for(app: Celery | None) -> Settings:
 
 def _where(publisher: Publisher) -> str:
     """Where events go, for the one log line that makes a mismatch with the web visible."""
+    if isinstance(publisher.client, LazyCluster):  # not connected yet: said as configured
+        return f"{redacted(publisher.client.url)} under the key prefix {publisher.keys.prefix!r}"
     pool = publisher.client.connection_pool
     kwargs = pool.connection_kwargs  # read back from the client: it never holds the password in view
     if isinstance(pool, SentinelConnectionPool):  # the master Sentinel names, whichever node that is now

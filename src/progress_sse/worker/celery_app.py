@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from ..config import Settings
+from ..config import Settings, check_broker
 from ..redis_urls import is_sentinel_url, parse_sentinel
 
 
 def make_celery(settings: Settings, *, main: str = "progress_sse") -> Celery:
+    check_broker(settings)
     broker, transport_options = settings.broker_url, dict[str, object]()
     if is_sentinel_url(broker):  # kombu names a Redis behind Sentinel its own way
         broker, transport_options = parse_sentinel(broker).kombu()

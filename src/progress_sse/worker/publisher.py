@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from ..config import Settings
-from ..connections import sync_client
+from ..connections import keys_for, sync_client
 from ..cursors import new_epoch
 from ..events import TERMINAL_STATES, State, dumps, finite_number, make_event
 from ..history import HISTORY_LUA
@@ -35,9 +35,13 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
 _PREV_IS_TERMINAL = " or ".join(f"prev == '{state}'" for state in sorted(TERMINAL_STATES))
 
-_APPEND = (
-    HISTORY_LUA
-    + f"""
+
+def _append_script(publish: str) -> str:
+    """The write script; `publish` is PUBLISH, or SPUBLISH on a cluster (sharded
+    pub/sub: only the nodes of the slot carry the message, not every node)."""
+    return (
+        HISTORY_LUA
+        + f"""
 local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch')
 local prev = cur[1]
 if prev then
@@ -78,10 +82,10 @@ end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 local id = epoch .. '-' .. seq
-redis.call('PUBLISH', ARGV[1], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
+redis.call('{publish}', ARGV[1], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
 return id
 """
-)
+    )
 
 
 @dataclass(eq=False)
@@ -98,14 +102,14 @@ class Publisher:
     settings: Settings | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
-        self._append = self.client.register_script(_APPEND)
+        self._append = self.client.register_script(_append_script("SPUBLISH" if self.keys.cluster else "PUBLISH"))
         self._unreachable = False  # publish_quietly's: whether the last attempt found Redis away
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Publisher:
         return cls(
             sync_client(settings.redis_url),
-            Keys(settings.key_prefix),
+            keys_for(settings),
             history_ttl=settings.history_ttl,
             history_max=settings.history_max,
             settings=settings,
