@@ -282,8 +282,8 @@ def worker_rig(settings: Settings, log_path: Path, *, concurrency: int = 2, app:
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, redis_client: redis.Redis, output_dir: Path) -> Iterator[Worker]:
-    w = Worker(settings, output_dir / "worker.log")
+def worker(settings: Settings, redis_client: redis.Redis, output_dir: Path, backend: str) -> Iterator[Worker]:
+    w = Worker(settings, output_dir / ("worker.log" if backend == "redis" else f"worker-{backend}.log"))
     try:
         w.wait_ready()
         yield w

@@ -26,9 +26,9 @@ from progress_sse.keys import Keys
 from progress_sse.redis_urls import SentinelURL, from_kombu, parse_sentinel
 from progress_sse.worker.publisher import CONNECTION_ERRORS, Publisher
 
-from .conftest import Server
+from .conftest import Server, Worker
 from .redis_servers import SentinelGroup
-from .sse import SSEEvent, SSEReader
+from .sse import SSEEvent, SSEReader, follow
 
 WAIT = 30.0  # an upper bound; a pass never waits this long
 
@@ -216,6 +216,28 @@ async def first_frames(server: Server, path: str, cursor: str, count: int) -> li
                 if frames:
                     return frames
             await asyncio.sleep(0.5)  # the `retry:` of the answer, shortened: a client's manners
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+async def test_a_real_worker_runs_a_task_through_the_sentinel_s_master(
+    sentinel_group: SentinelGroup, make_server: Any, settings: Settings, output_dir: Path
+) -> None:
+    """`progress-sse worker` with only REDIS_URL behind Sentinel: the broker is the
+    same Redis, in kombu's form, whatever Celery finds in its environment."""
+    own = settings.with_(
+        redis_url=sentinel_group.url, broker_url=sentinel_group.url, key_prefix=f"pst-sentinel-{uuid.uuid4().hex[:6]}"
+    )
+    worker = Worker(own, output_dir / "sentinel-worker.log")
+    try:
+        await asyncio.to_thread(worker.wait_ready)
+        server: Server = await make_server(own)
+        task_id = await server.start_task("demo.count", n=3, delay=0.05)
+        frames = await follow(server.session, server.url(f"/tasks/{task_id}/events"), [task_id], cursor="0")
+        assert [f.event for f in frames][:2] == ["queued", "started"]
+        assert frames[-1].event == "success" and frames[-1].payload["result"] == {"processed": 3}
+    finally:
+        worker.stop()
 
 
 def test_the_worker_side_and_the_broker_follow_the_sentinel_url(sentinel_group: SentinelGroup) -> None:

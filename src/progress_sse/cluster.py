@@ -106,7 +106,9 @@ class SlotConnectionPool(ConnectionPool):
             except (RedisError, OSError) as error:
                 failures.append(f"{host}:{port}: {error}")
             finally:
-                await node.aclose()
+                # Shielded: a connect cancelled here (a hub closing) must still let
+                # go of this one-off connection.
+                await asyncio.shield(node.aclose())
         raise ConnectionError(f"no node of the cluster said where slot {self.slot} is ({'; '.join(failures)})")
 
 

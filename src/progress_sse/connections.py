@@ -54,7 +54,9 @@ def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
         where = parse_sentinel(url)
         # redis-py's sync Sentinel has no type hints.
         sentinels = redis.sentinel.Sentinel(where.sentinels, sentinel_kwargs=_sentinel_kwargs(where))  # type: ignore[no-untyped-call]
-        client: redis.Redis = sentinels.master_for(where.service, **_node_kwargs(where), **options)  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+            where.service, redis_class=_SentinelClient, **_node_kwargs(where), **options
+        )
         return client
     return redis.Redis.from_url(url, **options)
 
@@ -160,13 +162,35 @@ class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionP
     waiting of BlockingConnectionPool: see WEB_POOL_SIZE."""
 
 
+class _SentinelClient(redis.Redis):
+    """A client of the master that also closes its connections to the Sentinels."""
+
+    def close(self) -> None:
+        super().close()
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+            sentinel.close()
+
+
+class _AsyncSentinelClient(aioredis.Redis):
+    """A client of the master that also closes its connections to the Sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.connection_pool.sentinel_manager.sentinels:  # type: ignore[attr-defined]
+            await sentinel.aclose()
+
+
 def _async_sentinel_client(
     url: str, pool_class: type[SentinelConnectionPool], options: dict[str, Any]
 ) -> aioredis.Redis:
     where = parse_sentinel(url)
     sentinels = AsyncSentinel(where.sentinels, sentinel_kwargs=_sentinel_kwargs(where))  # type: ignore[no-untyped-call]
     client: aioredis.Redis = sentinels.master_for(
-        where.service, connection_pool_class=pool_class, **_node_kwargs(where), **options
+        where.service,
+        redis_class=_AsyncSentinelClient,
+        connection_pool_class=pool_class,
+        **_node_kwargs(where),
+        **options,
     )
     return client
 

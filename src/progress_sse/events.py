@@ -210,8 +210,8 @@ class Frame:
 HISTORY_LOST = "history_lost"  # the history the open stream followed is gone
 CURSOR_UNKNOWN = "cursor_unknown"  # the client's cursor names no place in the current one
 _RESET_MESSAGES = {
-    HISTORY_LOST: "The event history was lost (Redis restarted without its data, failed over to a "
-    "replica that lagged behind, or evicted it). The states that follow are current.",
+    HISTORY_LOST: "The event history started over (Redis restarted, failed over to another node, or "
+    "lost its data): earlier event ids no longer count. The states that follow are current.",
     CURSOR_UNKNOWN: "The cursor (Last-Event-ID) names no place in the current event history: it is "
     "from a history that was lost, or from another server. The states that follow are current.",
 }

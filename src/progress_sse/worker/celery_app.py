@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 from ..config import Settings, check_broker
@@ -13,6 +15,11 @@ def make_celery(settings: Settings, *, main: str = "progress_sse") -> Celery:
     broker, transport_options = settings.broker_url, dict[str, object]()
     if is_sentinel_url(broker):  # kombu names a Redis behind Sentinel its own way
         broker, transport_options = parse_sentinel(broker).kombu()
+        # Celery takes CELERY_BROKER_URL from the environment over any broker it is
+        # given (its Settings.broker_url), and `progress-sse worker` exports the
+        # settings there: our form must not be what it finds.
+        if is_sentinel_url(os.environ.get("CELERY_BROKER_URL", "")):
+            os.environ["CELERY_BROKER_URL"] = broker
     app = Celery(main, broker=broker)
     app.conf.update(
         broker_transport_options=transport_options,
