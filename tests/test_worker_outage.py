@@ -29,6 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from kombu import Connection, Exchange, Queue
+from redis.exceptions import ClusterError, TryAgainError
 
 from progress_sse.config import Settings
 from progress_sse.connections import sync_client
@@ -328,19 +329,36 @@ class Clock:
 
 
 class FlakyRedis:
-    """Writes that fail with a connection error until `answering`, recorded in order."""
+    """Writes that fail with `error` (a connection error) until `answering`, recorded in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception | None = None) -> None:
         self.answering = False
         self.stored: list[str] = []
+        self.error = error or redis.ConnectionError("Redis is down")
 
     def write(self, what: str) -> Callable[..., None]:
         def attempt(late: bool = False) -> None:
             if not self.answering:
-                raise redis.ConnectionError("Redis is down")
+                raise self.error
             self.stored.append(what)
 
         return attempt
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.TimeoutError("Timeout reading from socket"),
+        ClusterError("TTL exhausted."),  # a cluster client whose own retries are spent
+        TryAgainError("TRYAGAIN Multiple keys request during rehashing of slot"),
+    ],
+)
+def test_the_outbox_keeps_what_a_cluster_or_a_slow_redis_did_not_store(error: Exception) -> None:
+    box, redis_ = Outbox(), FlakyRedis(error)
+    box.add("t1", "retry", redis_.write("t1 retry"), size=100)
+    assert box.flush(0) is False and len(box) == 1, "kept, not dropped"
+    redis_.answering = True
+    assert box.flush(10) is True and redis_.stored == ["t1 retry"]
 
 
 def test_the_outbox_collapses_a_task_s_progress_to_the_latest_in_order_with_its_state_changes() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.exceptions import ClusterError, TryAgainError
 
 from ..config import Settings
 from ..connections import keys_for, sync_client
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 
 # What a write that Redis never saw raises (a stopped, restarting or unreachable Redis):
 # worth trying again later, unlike a refused command. BusyLoadingError is a ConnectionError.
-CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# On a cluster, redis-py's client gives up with ClusterError once its own retries
+# of such errors are spent, and a slot being moved answers TRYAGAIN.
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterError, TryAgainError)
 
 # The terminal states, as the Lua test `prev == 'success' or …`: generated from the
 # one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
