@@ -15,9 +15,9 @@ import os
 import re
 from dataclasses import dataclass
 
-# 8 characters of RFC 4648 base32, lowercased: 40 random bits, so two histories of
-# one deployment never share a name, in a header-safe alphabet with no `-`.
-EPOCH_LENGTH = 8
+# An epoch: 8 characters of RFC 4648 base32, lowercased (new_epoch): 40 random bits,
+# so two histories of one deployment never share a name, in a header-safe alphabet
+# with no `-`.
 _CURSOR = re.compile(r"([a-z2-7]{8})-([0-9]{1,18})")
 # The cursor `0`: the start of whichever history is current (replays a whole log).
 START = "0"
