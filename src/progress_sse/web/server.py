@@ -312,9 +312,11 @@ class Server(web.Server):
     async def accept_retry_passed(self) -> None:
         """Wait until asyncio's pending accept retry (if the fd limit paused it) has
         run. Nothing cancels that timer: run after its listening socket closed, it
-        fails on a closed socket and the loop logs a traceback. Bounded: a retry
-        that is refused again schedules one more, at most a few times."""
-        for _ in range(3):
+        fails on a closed socket and the loop logs a traceback. A retry that is
+        refused again schedules one more: while clients that went away still fill
+        the listen backlog, each accepted one takes a descriptor, so that can go on
+        for a few seconds. Bounded, well within a platform's 30 s to stop."""
+        for _ in range(10):
             left = self._refused_at + ACCEPT_RETRY_DELAY - time.monotonic()
             if left <= 0:
                 return
