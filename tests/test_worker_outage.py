@@ -358,7 +358,9 @@ def test_the_outbox_keeps_what_a_cluster_or_a_slow_redis_did_not_store(error: Ex
     box.add("t1", "retry", redis_.write("t1 retry"), size=100)
     assert box.flush(0) is False and len(box) == 1, "kept, not dropped"
     redis_.answering = True
-    assert box.flush(10) is True and redis_.stored == ["t1 retry"]
+    assert box.flush(10) is True
+    # The outbox's own thread may store it too: writes are idempotent (as in the test above).
+    assert list(dict.fromkeys(redis_.stored)) == ["t1 retry"]
 
 
 def test_the_outbox_collapses_a_task_s_progress_to_the_latest_in_order_with_its_state_changes() -> None:
