@@ -9,9 +9,14 @@
 // Every callback receives the event object of the protocol (task_id, name, state,
 // current, total, percent, message, ts, …), never a DOM node.
 //
-// Event ids (cursors) are strings `<epoch>-<n>`: `n` counts events within one
-// history of the server's log, the epoch names that history. Only ids of the same
-// epoch compare; an id of another epoch is a new history (see `isAfter`).
+// Event ids (cursors) are strings of one of two forms. On a single Redis,
+// `<epoch>-<n>`: `n` counts events within one history of the server's log, the
+// epoch names that history. On a Redis Cluster the log is split into partitions,
+// each with its own count and history, so an id is composite,
+// `<digest>.<entry>(.<entry>)*`: the digest names the histories of the partitions
+// listed, each entry a partition's count, the first one that of the event the id
+// came with. Only ids of the same history compare; any other id is a new history
+// (see `isAfter`).
 
 export const TERMINAL_STATES = Object.freeze(["success", "failure", "revoked", "lost"]);
 const STATES = ["queued", "started", "progress", "retry", ...TERMINAL_STATES];
@@ -32,6 +37,13 @@ const MAX_TASKS_PER_STREAM = 100;
 // or the cursor `0`) is of the epoch "". BigInt: `n` may pass 2^53, where Numbers
 // stop telling ids apart.
 const EVENT_ID = /^(?:(.*)-)?(\d+)$/;
+// `<digest>.<entry>(.<entry>)*`, never with a `-`, so never taken for the form above.
+// An entry is `<p><n>`: the partition `p` as one base62 digit, then its count `n`
+// in base62 without leading zeros (so one count has one spelling). The first entry
+// is the lead (the event's own partition), the rest follow by partition.
+const COMPOSITE_ID = /^([a-z2-7]{8})((?:\.[0-9a-zA-Z](?:0|[1-9a-zA-Z][0-9a-zA-Z]*))+)$/;
+// Digits, then lower case, then upper case: 'a' is 10, 'A' is 36.
+const BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
 // A connection open this long (ms) counts as healthy even without an event.
 const HEALTHY_AFTER = 5000;
 
@@ -47,13 +59,48 @@ export function isTaskId(value) {
  * Whether event id `id` comes after `than` (null: nothing yet). Within one epoch
  * the larger `n` is later; an id of another epoch always counts as later, since
  * it belongs to a new history and what came before no longer counts.
+ * Composite ids of one digest compare by `id`'s lead: its partition's count
+ * against `than`'s count for that partition. A partition `than` does not list has
+ * nothing to be behind, and ids of different forms or digests, or that do not
+ * parse, are of another history: later, as above.
  */
 export function isAfter(id, than) {
   if (than == null) return true;
-  const a = EVENT_ID.exec(String(id));
-  const b = EVENT_ID.exec(String(than));
-  if (!a || !b || (a[1] ?? "") !== (b[1] ?? "")) return true; // not of this history
-  return BigInt(a[2]) > BigInt(b[2]);
+  const a = parseCompositeId(String(id));
+  const b = parseCompositeId(String(than));
+  if (a || b) {
+    if (!a || !b || a.digest !== b.digest) return true; // not of this history
+    const seen = b.counts.get(a.lead);
+    if (seen == null) return true; // `than` knew nothing of this partition
+    return a.counts.get(a.lead) > seen;
+  }
+  const x = EVENT_ID.exec(String(id));
+  const y = EVENT_ID.exec(String(than));
+  if (!x || !y || (x[1] ?? "") !== (y[1] ?? "")) return true; // not of this history
+  return BigInt(x[2]) > BigInt(y[2]);
+}
+
+// {digest, lead, counts: Map(partition digit -> BigInt)}, or null for anything
+// else (an id of today's form, or a malformed one). A partition listed twice has
+// no one count, so that id is malformed; the order of the rest is not checked, as
+// comparing does not depend on it.
+function parseCompositeId(id) {
+  const match = COMPOSITE_ID.exec(id);
+  if (!match) return null;
+  const entries = match[2].slice(1).split(".");
+  const counts = new Map();
+  for (const entry of entries) {
+    if (counts.has(entry[0])) return null;
+    counts.set(entry[0], fromBase62(entry.slice(1)));
+  }
+  return { digest: match[1], lead: entries[0][0], counts };
+}
+
+// BigInt: a partition's count may pass 2^53 like any other.
+function fromBase62(digits) {
+  let value = 0n;
+  for (const digit of digits) value = value * 62n + BigInt(BASE62.indexOf(digit));
+  return value;
 }
 
 /** Watch tasks on one EventSource. See `Watch` for the handlers and options. */

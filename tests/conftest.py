@@ -173,7 +173,7 @@ def keys(settings: Settings, redis_client: redis.Redis) -> Iterator[Keys]:
     prefix = f"{settings.key_prefix}-{uuid.uuid4().hex[:8]}"
     made = keys_for(settings.with_(key_prefix=prefix))
     yield made
-    found = list(redis_client.scan_iter(match=f"{made.root}:*", count=1000))
+    found = list(redis_client.scan_iter(match=f"*{prefix}*", count=1000))  # every partition's
     if found:
         redis_client.delete(*found)
 

@@ -13,8 +13,9 @@ from typing import Any
 import aiohttp
 
 from progress_sse.cli.decoder import SSEDecoder
-from progress_sse.cursors import parse_id
+from progress_sse.cursors import BASE62, Sealed, base62, parse, parse_id
 from progress_sse.events import TERMINAL_STATES
+from progress_sse.keys import CLUSTER_PARTITIONS
 
 
 @dataclass
@@ -102,10 +103,56 @@ class SSEReader:
 
 
 def numbers(events: list[SSEEvent]) -> list[int]:
-    """The events' cursor numbers, once it is checked they belong to one history."""
-    found = [parse_id(str(e.id)) for e in events]
-    assert len({p.epoch for p in found}) <= 1, f"ids of more than one history: {found}"
-    return [p.n for p in found]
+    """The events' places in their stream (`order`), once it is checked that ids of
+    one Redis belong to one history."""
+    ids = [str(e.id) for e in events]
+    epochs = {parse_id(i).epoch for i in ids if "-" in i}
+    assert len(epochs) <= 1, f"ids of more than one history: {ids}"
+    return [order(i) for i in ids]
+
+
+def composite(event_id: str) -> Sealed:
+    """A cluster's id (`<digest>.<p><n>…`, src/progress_sse/cursors.py), parsed."""
+    sealed = parse(event_id, partitions=CLUSTER_PARTITIONS)
+    assert isinstance(sealed, Sealed), f"not a composite id: {event_id!r}"
+    return sealed
+
+
+def order(event_id: str | None) -> int:
+    """Where an id puts its event in its stream: `n` of a Redis's `<epoch>-<n>`; of a
+    cluster's composite id, the sum of its numbers, which every frame a stream sends
+    moves on (each number in it only grows)."""
+    raw = str(event_id)
+    if "-" in raw:
+        return parse_id(raw).n
+    return sum(n for _, n in composite(raw).numbers)
+
+
+def own(event_id: str | None) -> tuple[int, int]:
+    """The partition and number of the event an id came with: the same on every
+    stream that sends the event (a cluster's ids differ between streams, by the
+    other partitions they name; their first entry is the event's own)."""
+    raw = str(event_id)
+    if "-" in raw:
+        return 0, parse_id(raw).n
+    partition = BASE62.index(raw.split(".")[1][0])  # the lead entry's
+    return partition, dict(composite(raw).numbers)[partition]
+
+
+def covered(cursor: str, partition: int) -> int:
+    """The number up to which `cursor` has had `partition`'s events (0: none)."""
+    if "-" in cursor:
+        return parse_id(cursor).n
+    return dict(composite(cursor).numbers).get(partition, 0)
+
+
+def beyond(event_id: str, by: int) -> str:
+    """`event_id` moved `by` past where its history is now: a cursor from the future."""
+    if "-" in event_id:
+        at = parse_id(event_id)
+        return f"{at.epoch}-{at.n + by}"
+    sealed = composite(event_id)
+    return sealed.digest + "".join(f".{BASE62[p]}{base62(n + by)}" for p, n in sealed.numbers)
 
 
 async def follow(

@@ -58,7 +58,7 @@ def test_without_redis_url_events_go_to_the_apps_redis_broker(
     try:
         assert other.hget(keys.state(task_id), "state") == "queued"
     finally:  # only this test's keys, whatever the assertion said
-        other.delete(keys.state(task_id), keys.log(task_id), keys.recent, keys.history, keys.queued)
+        other.delete(keys.state(task_id), keys.log(task_id), keys.recent(), keys.history(), keys.queued())
         other.close()
     host_port = broker.split("://", 1)[1].rsplit("/", 1)[0]
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]

@@ -41,7 +41,7 @@ def publish(publisher: Publisher, task_id: str, state: str, **kwargs: Any) -> st
 
 def lose_everything(redis_client: redis.Redis, keys: Keys, task_ids: list[str]) -> None:
     """What a Redis restart without persistence leaves of these keys: nothing."""
-    redis_client.delete(keys.history, keys.recent, *(key for t in task_ids for key in (keys.state(t), keys.log(t))))
+    redis_client.delete(keys.history(), keys.recent(), *(key for t in task_ids for key in (keys.state(t), keys.log(t))))
 
 
 async def test_an_open_stream_resets_then_sends_current_states_then_goes_on_live(
@@ -181,7 +181,7 @@ async def test_a_state_kept_from_an_older_history_ends_its_client_s_reconnects_w
     task_id = new_task()
     publish(publisher, task_id, "started")
     old = publish(publisher, task_id, "success")
-    redis_client.hset(keys.history, "node", "f" * 40)  # what a restart looks like from here
+    redis_client.hset(keys.history(), "node", "f" * 40)  # what a restart looks like from here
 
     url = server.url(f"/tasks/{task_id}/events")
     async with server.session.get(url, headers={"Last-Event-ID": old}) as resp:
@@ -203,11 +203,11 @@ async def test_a_task_that_expired_in_an_old_history_is_not_watched_for_ever(
     task_id, other = new_task(), new_task()
     cursor = publish(publisher, other, "started")
     url = server.url(f"/tasks/{task_id}/events")
-    born = int(redis_client.hget(keys.history, "born") or 0)
-    redis_client.hset(keys.history, "born", born - 61)
+    born = int(redis_client.hget(keys.history(), "born") or 0)
+    redis_client.hset(keys.history(), "born", born - 61)
     async with server.session.get(url, headers={"Last-Event-ID": cursor}) as resp:
         assert resp.status == 404
-    redis_client.hset(keys.history, "born", born)
+    redis_client.hset(keys.history(), "born", born)
     async with server.session.get(url, headers={"Last-Event-ID": cursor}) as resp:
         assert resp.status == 200, "in a young history it may be a task whose history was lost: watched"
 
@@ -271,7 +271,7 @@ async def test_a_redis_restart_without_data_resets_every_open_stream_and_they_fo
             return all(reads.hget(keys.state(t), "state") == State.PROGRESS for t in tasks)
 
         await asyncio.to_thread(wait_for, running, 30, "both tasks to run", worker.process)
-        old_epoch = reads.hget(keys.history, "epoch")
+        old_epoch = reads.hget(keys.history(), "epoch")
         forgetful_redis.kill()
         forgetful_redis.start()
 
@@ -292,7 +292,7 @@ async def test_a_redis_restart_without_data_resets_every_open_stream_and_they_fo
         # Later, with the last cursor of the old history, once the new one passed it.
         frames = seen[0]
         old = parse_id(str(frames[[e.event for e in frames].index("reset")].id))  # a reset keeps the last id
-        while int(reads.hget(keys.history, "n") or 0) <= old.n:
+        while int(reads.hget(keys.history(), "n") or 0) <= old.n:
             publish(publisher, new_task(), "queued")
         async with server.session.get(
             server.url(f"/tasks/{tasks[0]}/events"), headers={"Last-Event-ID": str(old)}

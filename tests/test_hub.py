@@ -346,7 +346,7 @@ async def test_after_its_connection_is_killed_the_hub_reconnects_resubscribes_an
         # ...but the log has it, which is what a resync reads.
         store_client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
         try:
-            catchup = await Store(store_client, keys).after([a, b], position)
+            catchup = await Store(store_client, keys).after([a, b], {0: position})
         finally:
             await store_client.aclose()
         assert [(f.id, f.state) for f in catchup.frames] == [(missed.id, "started")]
@@ -526,15 +526,33 @@ async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> No
     """While the subscription is restored a watcher holds live frames, then gets
     RESYNC (read the log) before them: a frame may not overtake what was missed."""
     watcher = Watcher(["t"], limit=10_000)
-    watcher.hold()
+    hub = object()  # the hub whose subscription dropped
+    watcher.hold(hub)
     late = Frame("t", 91, "progress", "{}", "e")
     watcher.deliver(late)
     assert await watcher.next(0) is None, "held, not delivered"
-    watcher.resume()
+    watcher.resume(hub)
     assert await watcher.next(0) is Signal.RESYNC
     assert await watcher.next(0) == late
-    watcher.resume()  # not held any more: nothing happens
+    watcher.resume(hub)  # not held any more: nothing happens
     assert await watcher.next(0) is None
+
+
+async def test_a_watcher_held_by_two_hubs_keeps_its_frames_until_both_resume() -> None:
+    """A stream of tasks in two partitions (a cluster) is held by both hubs when
+    both drop: each resume reads the log, the held frames wait for the last one."""
+    watcher = Watcher(["t", "u"], limit=10_000)
+    first, second = object(), object()
+    watcher.hold(first)
+    watcher.hold(second)
+    late = Frame("t", 7, "progress", "{}", "e", partition=1)
+    watcher.deliver(late)
+    watcher.resume(first)
+    assert await watcher.next(0) is Signal.RESYNC
+    assert await watcher.next(0) is None, "the second hub still holds it"
+    watcher.resume(second)
+    assert await watcher.next(0) is Signal.RESYNC
+    assert await watcher.next(0) == late
 
 
 async def test_each_watcher_registered_moves_the_generation_on(
@@ -561,7 +579,7 @@ async def test_a_message_of_another_history_tells_every_watcher_to_resync(
     a, quiet = new_task(), new_task()
     async with h.hub.watch([a]) as watcher_a, h.hub.watch([quiet]) as watcher_quiet:
         await expect_frame(watcher_a, publish(publisher, a, "queued"))
-        redis_client.delete(keys.history)  # what a restart without persistence does to it
+        redis_client.delete(keys.history())  # what a restart without persistence does to it
         renamed = publish(publisher, a, "started")
 
         assert await expect(watcher_a, "a resync") is Signal.RESYNC
@@ -589,13 +607,13 @@ async def test_a_sequence_that_went_back_gets_a_new_epoch_before_watchers_resync
             await expect_frame(watcher, high)
             # The replica had not heard of `started` (nor of its log entry: a script's
             # writes replicate together), and the next event takes its number.
-            redis_client.hset(keys.history, "n", high.seq - 1)
+            redis_client.hset(keys.history(), "n", high.seq - 1)
             redis_client.delete(keys.log(task_id), keys.state(task_id))
             again = publish(publisher, other, "queued")
             assert again.position == Position(high.epoch, high.seq), "the number was given out twice"
 
             await expect_frame(watcher, again)  # the stream itself drops it: not past its position
             assert await expect(watcher, "a resync") is Signal.RESYNC
-            assert redis_client.hget(keys.history, "epoch") != high.epoch, "the resync came before the renaming"
+            assert redis_client.hget(keys.history(), "epoch") != high.epoch, "the resync came before the renaming"
     finally:
         await store_client.aclose()

@@ -41,7 +41,7 @@ def test_one_task_lives_in_one_cluster_slot(task_id: str) -> None:
 def test_per_task_names_are_distinct_and_under_the_prefix() -> None:
     keys = Keys("my-app")
     task_id = str(uuid.uuid4())
-    names = [*per_task_names(keys, task_id), keys.history, keys.recent, keys.control_channel]
+    names = [*per_task_names(keys, task_id), keys.history(), keys.recent(), keys.control_channel()]
     assert len(set(names)) == len(names)
     assert all(name.startswith("my-app:") for name in names)
 
@@ -54,13 +54,13 @@ def test_different_tasks_get_different_keys() -> None:
 def test_different_prefixes_never_share_a_key() -> None:
     task_id = str(uuid.uuid4())
     one, two = Keys("one"), Keys("two")
-    ones = {*per_task_names(one, task_id), one.history, one.recent}
-    twos = {*per_task_names(two, task_id), two.history, two.recent}
+    ones = {*per_task_names(one, task_id), one.history(), one.recent()}
+    twos = {*per_task_names(two, task_id), two.history(), two.recent()}
     assert ones.isdisjoint(twos)
 
 
 def test_default_prefix_is_progress_sse() -> None:
-    assert Keys().history == "progress-sse:history"
+    assert Keys().history() == "progress-sse:history"
 
 
 @pytest.mark.parametrize("task_id", TASK_IDS)

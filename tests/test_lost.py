@@ -146,8 +146,8 @@ async def test_a_queued_task_ends_as_lost_once_its_message_is_gone_twice_in_a_ro
         assert (lost["state"], lost["reason"], lost["message"]) == ("lost", "message_gone", MESSAGE_GONE)
         left = [publisher.state(t) for t in (kept, elsewhere, started, fresh)]
         assert left == ["queued", "queued", "started", "queued"]
-        assert await client.zscore(keys.queued, vanished) is None, "out of the index with its end"
-        assert await client.zscore(keys.queued, started) is None
+        assert await client.zscore(keys.queued(), vanished) is None, "out of the index with its end"
+        assert await client.zscore(keys.queued(), started) is None
         assert await reap_queued_once(client, keys, publisher, rule) == []
     finally:
         redis_client.delete(own.queue)
@@ -208,7 +208,7 @@ def test_the_bridge_records_which_broker_a_task_went_to(
         task_id = app.send_task("shop.report").id
         assert redis_client.hget(keys.state(task_id), "state") == "queued"
         assert redis_client.hget(keys.state(task_id), "broker") == broker.fingerprint(settings.broker_url)
-        assert redis_client.zscore(keys.queued, task_id) is not None, "in the index of queued tasks"
+        assert redis_client.zscore(keys.queued(), task_id) is not None, "in the index of queued tasks"
     finally:
         progress_sse.uninstall()
         publisher.client.close()

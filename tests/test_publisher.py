@@ -49,12 +49,24 @@ def test_publish_returns_increasing_cursors_shared_across_tasks(
     assert all(isinstance(c, str) for c in cursors), cursors
     # One sequence for every task of this prefix, and only this test publishes under it,
     # in one history whose name the first write gave it.
-    epoch = redis_client.hget(keys.history, "epoch")
+    epoch = redis_client.hget(keys.history(), "epoch")
     assert epoch is not None and len(epoch) == 8
     assert cursors == [f"{epoch}-{n}" for n in range(1, 6)]
-    assert redis_client.hget(keys.history, "n") == "5"
+    assert redis_client.hget(keys.history(), "n") == "5"
     assert [e[0] for e in redis_client.xrange(keys.log(a))] == ["1-0", "3-0", "5-0"]
     assert [e[0] for e in redis_client.xrange(keys.log(b))] == ["2-0", "4-0"]
+
+
+def test_numbers_of_fifteen_digits_and_more_are_written_out_whole(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """Lua would write 10**15 as 1e+15: every place the number goes gets it whole."""
+    redis_client.hset(keys.history(), "n", 10**15)
+    task_id = new_task()
+    cursor = publisher.publish(event(task_id, "queued"))
+    assert cursor is not None and parse_id(cursor).n == 10**15 + 1
+    assert [entry for entry, _ in redis_client.xrange(keys.log(task_id))] == [f"{10**15 + 1}-0"]
+    assert redis_client.hget(keys.state(task_id), "seq") == str(10**15 + 1)
 
 
 def test_stream_entry_id_is_the_cursor_with_state_and_json_payload_fields(
@@ -147,7 +159,8 @@ def test_second_queued_is_refused_and_changes_nothing(
     assert publisher.publish(event(task_id, "queued", ts=2001.0)) is None
     assert redis_client.xlen(keys.log(task_id)) == 1
     assert redis_client.hgetall(keys.state(task_id)) == before
-    assert f"{redis_client.hget(keys.history, 'epoch')}-{redis_client.hget(keys.history, 'n')}" == seq  # none used up
+    history = redis_client.hgetall(keys.history())
+    assert f"{history['epoch']}-{history['n']}" == seq  # none used up
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL_STATES))
@@ -177,7 +190,7 @@ def test_nothing_is_stored_after_a_terminal_event(
     assert message is not None and message["channel"] == barrier, f"a refused event was announced: {message}"
     assert redis_client.xlen(keys.log(task_id)) == 2
     assert redis_client.hgetall(keys.state(task_id)) == before
-    assert redis_client.hget(keys.history, "n") == str(parse_id(seq).n)
+    assert redis_client.hget(keys.history(), "n") == str(parse_id(seq).n)
 
 
 def test_both_keys_get_the_history_ttl(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:
@@ -223,7 +236,7 @@ def test_recent_index_gets_the_task_once_scored_by_its_first_event(
     publisher.publish(event(task_id, "started", ts=now + 1))
     publisher.publish(event(task_id, "progress", ts=now + 2, current=1, total=2))
     publisher.publish(event(task_id, "success", ts=now + 3))
-    assert redis_client.zrange(keys.recent, 0, -1, withscores=True) == [(task_id, pytest.approx(now, abs=1e-3))]
+    assert redis_client.zrange(keys.recent(), 0, -1, withscores=True) == [(task_id, pytest.approx(now, abs=1e-3))]
 
 
 def test_discard_removes_the_task_keys_and_index_entry_only(
@@ -234,9 +247,9 @@ def test_discard_removes_the_task_keys_and_index_entry_only(
     publisher.publish(event(kept, "queued"))
     publisher.discard(gone)
     assert redis_client.exists(keys.state(gone), keys.log(gone)) == 0
-    assert redis_client.zscore(keys.recent, gone) is None
+    assert redis_client.zscore(keys.recent(), gone) is None
     assert redis_client.exists(keys.state(kept), keys.log(kept)) == 2
-    assert redis_client.zscore(keys.recent, kept) is not None
+    assert redis_client.zscore(keys.recent(), kept) is not None
     # Forgotten, the id can be queued again from scratch.
     assert publisher.publish(event(gone, "queued")) is not None
 
@@ -294,7 +307,7 @@ def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_
         "",
         "aaaaaaaa",
     ]
-    script_keys = [keys.state(task_id), keys.log(task_id), keys.history, keys.recent, keys.queued]
+    script_keys = [keys.state(task_id), keys.log(task_id), keys.history(), keys.recent(), keys.queued()]
     first = publisher._append(keys=script_keys, args=args)
     again = publisher._append(keys=script_keys, args=args)
     assert first == again
@@ -360,9 +373,9 @@ def test_a_history_whose_numbers_another_node_gave_out_gets_a_new_name(
     task_id = new_task()
     first = publisher.publish(event(task_id, "queued"))
     assert first is not None
-    node = redis_client.hget(keys.history, "node")
+    node = redis_client.hget(keys.history(), "node")
     assert node is not None and len(node) == 40, "the hash records the node that gives out numbers"
-    redis_client.hset(keys.history, "node", "f" * 40)
+    redis_client.hset(keys.history(), "node", "f" * 40)
 
     second = publisher.publish(event(task_id, "started"))
     third = publisher.publish(event(task_id, "progress", current=1, total=2))
@@ -370,7 +383,7 @@ def test_a_history_whose_numbers_another_node_gave_out_gets_a_new_name(
     assert parse_id(second).epoch != parse_id(first).epoch
     assert parse_id(second).n == parse_id(first).n + 1
     assert parse_id(third).epoch == parse_id(second).epoch, "named once"
-    assert redis_client.hget(keys.history, "node") == node
+    assert redis_client.hget(keys.history(), "node") == node
     assert [f["s"] for _, f in redis_client.xrange(keys.log(task_id))] == ["queued", "started", "progress"]
 
 
@@ -383,7 +396,7 @@ def test_a_log_numbered_by_a_lost_sequence_is_started_over(
     task_id, other = new_task(), new_task()
     publisher.publish(event(task_id, "queued"))
     publisher.publish(event(task_id, "started"))
-    redis_client.delete(keys.history)
+    redis_client.delete(keys.history())
     for i in range(4):  # the new sequence passes the task's old numbers
         publisher.publish(event(other, "progress" if i else "queued", current=i, total=9))
 

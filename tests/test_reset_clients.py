@@ -140,6 +140,48 @@ async def test_is_after_orders_ids_within_an_epoch_and_takes_another_epoch_as_ne
     assert answers == [expected for _, _, expected in cases]
 
 
+async def test_is_after_compares_composite_ids_by_their_lead_and_takes_any_other_history_as_newer(
+    client: Page,
+) -> None:
+    # Composite ids (a Redis Cluster): `<digest>.<p><n>...`, p one base62 digit, n in
+    # base62; the first entry is the lead, the partition of the event the id came with.
+    cases = [
+        (f"{OLD}.310.0a", f"{OLD}.0a.39", True),  # lead 3: 62 > 9, by number, not by text
+        (f"{OLD}.3z.0a", f"{OLD}.0a.3z", False),  # lead equal
+        (f"{OLD}.3y.0a", f"{OLD}.0a.3z", False),  # lead smaller
+        (f"{OLD}.3z.0Z", f"{OLD}.0a.3z", False),  # only the lead compares, not the other partitions
+        (f"{OLD}.0b.3a", f"{OLD}.0a.3z", True),  # lead 0 is ahead, though partition 3 is behind
+        (f"{OLD}.310", f"{OLD}.3Z", True),  # 62 > 61: a longer number is larger
+        (f"{OLD}.b1", f"{OLD}.0a.3z", True),  # `than` has no count for partition 11
+        (f"{NEW}.31", f"{OLD}.3z", True),  # another digest: a new history
+        (f"{OLD}.3z", f"{NEW}.3z", True),
+        (f"{OLD}.31", f"{OLD}-500", True),  # composite against today's form, both ways
+        (f"{OLD}-1", f"{OLD}.3z", True),
+        (f"{OLD}.31", "0", True),  # the cursor 0: the start
+        ("12", f"{OLD}.3z", True),
+        (f"{OLD}.31000000001", f"{OLD}.31000000000", True),  # 62^9 + 1 > 62^9, past 2^53
+        (f"{OLD}.31000000000", f"{OLD}.31000000001", False),
+        (f"{OLD}.3A", f"{OLD}.3a", True),  # case-sensitive: 'A' is 36, 'a' is 10
+        (f"{OLD}.3a", f"{OLD}.3A", False),
+        (f"{OLD}.a1", f"{OLD}.A5", True),  # partition 'a' (10) is not partition 'A' (36)
+        (f"{OLD}.31", None, True),  # nothing seen yet
+        # Malformed: what would otherwise compare as not after is after.
+        (f"{OLD}.301", f"{OLD}.3z", True),  # a leading zero
+        (f"{OLD}.31.35", f"{OLD}.3z", True),  # a partition twice
+        (f"{OLD}.3", f"{OLD}.3z", True),  # an entry without a number
+        (f"{OLD}.3_", f"{OLD}.3z", True),  # not a base62 digit
+        (f"{OLD}.31.", f"{OLD}.3z", True),  # an empty entry
+        (f"{OLD}.31", f"{OLD}.3z.", True),  # `than` malformed
+        ("K3X7F2AB.31", "K3X7F2AB.3z", True),  # the digest is lower case
+        ("k3x7f2a.31", "k3x7f2a.3z", True),  # the digest is 8 characters
+        (OLD, f"{OLD}.3z", True),  # no entry at all
+    ]
+    answers = await client.page.evaluate(
+        "(cases) => cases.map(([id, than]) => client.isAfter(id, than))", [[a, b] for a, b, _ in cases]
+    )
+    assert answers == [expected for _, _, expected in cases]
+
+
 async def test_the_cursor_is_the_latest_id_string_and_never_goes_back_within_an_epoch(client: Page) -> None:
     await client.page.evaluate("() => { window.w = client.watch(['a'], { onEvent: record('event') }); }")
     await sources(client, 1)

@@ -74,7 +74,7 @@ async def test_start_without_cursor_gives_one_snapshot_per_known_task(store: Sto
     start = await store.start([a, unknown, b], None)
 
     assert start.resumed is False
-    assert start.upto == latest_b.position
+    assert start.upto == {0: latest_b.position}
     by_id = {t.task_id: t for t in start.tasks}
     assert [t.task_id for t in start.tasks] == [a, unknown, b]
     assert by_id[a].known and by_id[a].state == "progress" and not by_id[a].terminal
@@ -96,7 +96,7 @@ async def test_start_with_cursor_gives_exactly_the_events_after_it_in_order(stor
     start = await store.start([task_id], cursor)
 
     assert start.resumed is True
-    assert start.upto == later[-1].position
+    assert start.upto == {0: later[-1].position}
     (task,) = start.tasks
     assert task.frames == later
     assert [f.payload()["current"] for f in task.frames] == [1, 2, 3, 3]
@@ -129,7 +129,7 @@ async def test_a_cursor_of_no_place_in_this_history_starts_over_with_a_reset(sto
 
     assert start.resumed is False
     assert start.reset == CURSOR_UNKNOWN
-    assert start.upto == latest.position
+    assert start.upto == {0: latest.position}
     assert start.tasks[0].frames == [latest]
 
 
@@ -224,12 +224,12 @@ async def test_after_returns_later_events_of_several_tasks_merged_and_the_new_po
     last = log.add(b, "failure")
     assert mark.position is not None
 
-    catchup = await store.after([a, b], mark.position)
+    catchup = await store.after([a, b], {0: mark.position})
 
     assert not catchup.lost
     assert catchup.frames == [f for f in log.frames if f.seq > mark.seq and f.task_id in (a, b)]
     assert [f.seq for f in catchup.frames] == sorted(f.seq for f in catchup.frames)
-    assert catchup.upto == last.position
+    assert catchup.upto == {0: last.position}
 
     again = await store.after([a, b], catchup.upto)
     assert (again.frames, again.upto, again.lost) == ([], catchup.upto, False)
@@ -238,7 +238,7 @@ async def test_after_returns_later_events_of_several_tasks_merged_and_the_new_po
 async def test_after_a_position_of_another_history_is_lost(store: Store, log: Log) -> None:
     task_id = new_task()
     log.add(task_id, "queued")
-    catchup = await store.after([task_id], Position("aaaaaaaa", 1))
+    catchup = await store.after([task_id], {0: Position("aaaaaaaa", 1)})
     assert catchup.lost and catchup.frames == []
 
 
@@ -252,12 +252,12 @@ async def test_a_sequence_that_went_back_is_lost_and_gets_a_new_epoch(
     log.add(task_id, "queued")
     latest = log.add(task_id, "started")
     assert latest.position is not None
-    redis_client.hset(keys.history, "n", latest.seq - 1)
+    redis_client.hset(keys.history(), "n", latest.seq - 1)
 
-    catchup = await store.after([task_id], latest.position)
+    catchup = await store.after([task_id], {0: latest.position})
 
     assert catchup.lost
-    assert redis_client.hget(keys.history, "epoch") != latest.epoch
+    assert redis_client.hget(keys.history(), "epoch") != latest.epoch
     following = log.add(task_id, "progress", current=1, total=2)
     assert following.epoch != latest.epoch
 
@@ -288,8 +288,8 @@ async def test_recent_forgets_tasks_whose_state_expired(
     redis_client.delete(keys.state(expired))  # what its TTL would do
 
     assert [t["task_id"] for t in await store.recent(50)] == [new, old]
-    assert redis_client.zscore(keys.recent, expired) is None
-    assert redis_client.zscore(keys.recent, old) is not None
+    assert redis_client.zscore(keys.recent(), expired) is None
+    assert redis_client.zscore(keys.recent(), old) is not None
 
 
 async def test_recent_fills_the_limit_when_an_expired_task_is_among_the_newest(
@@ -358,15 +358,15 @@ async def test_a_read_on_another_node_names_a_new_history_before_it_hands_out_a_
     task_id = new_task()
     latest = log.add(task_id, "queued")
     assert latest.position is not None
-    redis_client.hset(keys.history, "node", "f" * 40)  # a failover to a replica that lagged, say
+    redis_client.hset(keys.history(), "node", "f" * 40)  # a failover to a replica that lagged, say
 
-    catchup = await store.after([task_id], latest.position)
+    catchup = await store.after([task_id], {0: latest.position})
 
-    assert catchup.lost and catchup.upto.epoch != latest.epoch
+    assert catchup.lost and catchup.upto[0].epoch != latest.epoch
     start = await store.start([task_id], latest.position)
     assert start.reset == CURSOR_UNKNOWN
     # The task's state is of the old history: sent as of the new one's first number.
-    assert [(f.id, f.state) for f in start.frames()] == [(str(catchup.upto), "queued")]
-    assert catchup.upto.n == latest.seq, "the sequence carries on"
-    again = await store.start([task_id], catchup.upto)
+    assert [(f.id, f.state) for f in start.frames()] == [(str(catchup.upto[0]), "queued")]
+    assert catchup.upto[0].n == latest.seq, "the sequence carries on"
+    again = await store.start([task_id], catchup.upto[0])
     assert again.resumed and again.frames() == [], "a cursor of the new history has it already"

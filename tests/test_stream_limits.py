@@ -183,7 +183,7 @@ class _Reads:
     async def start(self, ids: Any, cursor: Any, fresh: Any, *, replay: bool) -> Start:
         self.calls += 1
         await self.release.wait()
-        return Start([], upto=Position("e", self.calls), resumed=False)
+        return Start([], upto={0: Position("e", self.calls)}, resumed=False)
 
 
 class _Hub:
@@ -233,7 +233,7 @@ async def test_a_shared_read_outlives_the_stream_that_began_it() -> None:
     await asyncio.sleep(0)
     first.cancel()  # its client went away
     reads.release.set()
-    assert (await joined).upto == Position("e", 1)
+    assert (await joined).upto == {0: Position("e", 1)}
 
 
 async def test_streams_opening_together_share_their_first_read_and_miss_nothing(

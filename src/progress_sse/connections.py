@@ -8,9 +8,10 @@ A `redis+sentinel://` URL (redis_urls.py) gives the same clients, connected to
 whichever node the Sentinels name as the master: redis-py asks them again
 whenever a connection is made, so after a failover the next connection, and
 with it every retry and the hub's reconnect, goes to the new master. A
-`redis+cluster://` URL gives the same again, for the master that serves the one
-slot all of progress-sse's keys share there (cluster.py); the worker side uses
-redis-py's cluster client, which follows the slot by itself.
+`redis+cluster://` URL gives redis-py's cluster clients, which route each command
+to the master of its key's slot, and, for what must run on one partition's
+master (the web's transactions and its sharded subscriptions), a client per
+partition that follows that partition's slot (cluster.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
 import redis.cluster
 import redis.sentinel
 from redis._parsers.encoders import Encoder
@@ -64,32 +66,57 @@ def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
 # The web's reads share this many connections. A call finding them all busy (a
 # thousand streams reopening after a deploy) waits for one, up to WEB_POOL_WAIT
 # seconds, instead of failing at once as redis-py's default pool does: each read is
-# a single round trip, so the queue moves fast.
+# a single round trip, so the queue moves fast. On a cluster each partition's
+# transactions have a pool of PARTITION_POOL_SIZE, each node's other reads one of
+# WEB_POOL_SIZE.
 WEB_POOL_SIZE = 32
+PARTITION_POOL_SIZE = 8
 WEB_POOL_WAIT = 10.0
 
 
-def web_client(settings: Settings) -> aioredis.Redis:
-    """The web process's reads and control calls: a short retry rides out a blip."""
-    options: dict[str, Any] = {
-        "max_connections": WEB_POOL_SIZE,
-        "timeout": WEB_POOL_WAIT,
+def _web_options(max_connections: int) -> dict[str, Any]:
+    """The web's reads and control calls: a short retry rides out a blip."""
+    return {
+        "max_connections": max_connections,
         "decode_responses": True,
         "socket_connect_timeout": 2.0,
         "retry": AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         "client_name": "progress-sse-web",
     }
+
+
+def web_client(settings: Settings) -> aioredis.Redis:
+    """The web process's reads and control calls, for any key."""
+    options = _web_options(WEB_POOL_SIZE)
     if is_cluster_url(settings.redis_url):
-        return _slot_client(settings, BlockingSlotConnectionPool, options)
+        nodes = parse_cluster(settings.redis_url)
+        startup = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in nodes.nodes]
+        cluster = redis.asyncio.cluster.RedisCluster(
+            startup_nodes=startup, username=nodes.username, password=nodes.password, **options
+        )
+        return cluster  # type: ignore[return-value]  # the commands the web uses are the same
+    options["timeout"] = WEB_POOL_WAIT
     if is_sentinel_url(settings.redis_url):
         return _async_sentinel_client(settings.redis_url, _BlockingSentinelPool, options)
     pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, **options)
     return aioredis.Redis.from_pool(pool)  # closing the client closes its pool
 
 
-def hub_client(settings: Settings) -> aioredis.Redis:
-    """The hub's one pub/sub connection, without retries: the hub reconnects by
-    itself, and must know when it has to (web/hub.py)."""
+def partition_clients(settings: Settings) -> list[aioredis.Redis] | None:
+    """On a cluster, a client for each partition's transactions, connected to the
+    master of its slot (web/store.py); elsewhere None: the web client serves them."""
+    if not is_cluster_url(settings.redis_url):
+        return None
+    options = {**_web_options(PARTITION_POOL_SIZE), "timeout": WEB_POOL_WAIT}
+    keys = keys_for(settings)
+    return [
+        _slot_client(settings, keys.history(p), BlockingSlotConnectionPool, options) for p in range(keys.partitions)
+    ]
+
+
+def hub_clients(settings: Settings) -> list[aioredis.Redis]:
+    """The hubs' pub/sub connections, one per partition (one Redis: one), without
+    retries: a hub reconnects by itself, and must know when it has to (web/hub.py)."""
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_connect_timeout": 2.0,
@@ -97,10 +124,11 @@ def hub_client(settings: Settings) -> aioredis.Redis:
         "client_name": hub_client_name(settings.key_prefix),
     }
     if is_cluster_url(settings.redis_url):
-        return _slot_client(settings, SlotConnectionPool, options)
+        keys = keys_for(settings)
+        return [_slot_client(settings, keys.history(p), SlotConnectionPool, options) for p in range(keys.partitions)]
     if is_sentinel_url(settings.redis_url):
-        return _async_sentinel_client(settings.redis_url, SentinelConnectionPool, options)
-    return aioredis.Redis.from_url(settings.redis_url, **options)
+        return [_async_sentinel_client(settings.redis_url, SentinelConnectionPool, options)]
+    return [aioredis.Redis.from_url(settings.redis_url, **options)]
 
 
 class LazyCluster:
@@ -142,13 +170,15 @@ class LazyCluster:
 
 
 def keys_for(settings: Settings) -> Keys:
-    """The key names for the Redis `settings` name (on a cluster, all in one slot)."""
+    """The key names for the Redis `settings` name (on a cluster, in partitions)."""
     return Keys(settings.key_prefix, cluster=is_cluster_url(settings.redis_url))
 
 
-def _slot_client(settings: Settings, pool_class: type[SlotConnectionPool], options: dict[str, Any]) -> aioredis.Redis:
+def _slot_client(
+    settings: Settings, slot_key: str, pool_class: type[SlotConnectionPool], options: dict[str, Any]
+) -> aioredis.Redis:
+    """A client of the master that serves `slot_key`'s slot, wherever it moves."""
     nodes = parse_cluster(settings.redis_url)
-    slot_key = keys_for(settings).history  # any of its keys: they share the slot
     pool = pool_class(nodes, slot_key, username=nodes.username, password=nodes.password, **options)
     return aioredis.Redis.from_pool(pool)
 

@@ -154,10 +154,13 @@ def _one_line(value: str) -> str:
 class Frame:
     """One stored event of one task, ready to be written to any number of streams.
 
-    `seq` is the event's number in the sequence all tasks share (see keys.py) and
-    `epoch` names the history that sequence belongs to, so `<epoch>-<seq>` is the SSE
-    cursor (src/progress_sse/cursors.py). A frame without an epoch (a task's state
-    kept from a lost history) has no `id:` line: it moves no cursor.
+    `seq` is the event's number in the sequence its `partition`'s tasks share (see
+    keys.py) and `epoch` names the history that sequence belongs to, so on one Redis
+    `<epoch>-<seq>` is the SSE cursor (src/progress_sse/cursors.py). On a cluster a
+    stream's cursor names its place in every partition it follows: the stream gives
+    each frame it sends that `cursor` (web/delivery.py `Stamp`). A frame without an
+    epoch (a task's state kept from a lost history) has no `id:` line: it moves no
+    cursor.
     """
 
     task_id: str
@@ -165,6 +168,8 @@ class Frame:
     state: str
     data: str
     epoch: str | None
+    partition: int = 0
+    cursor: str | None = None
     encoded: bytes = field(init=False, repr=False, compare=False)
     # for_watcher's encodings, by `messages`: made once, shared by every watcher.
     _watcher_encoded: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
@@ -174,6 +179,8 @@ class Frame:
 
     @property
     def id(self) -> str | None:
+        if self.cursor is not None:
+            return self.cursor
         return None if self.epoch is None else f"{self.epoch}-{self.seq}"
 
     @property

@@ -1,15 +1,19 @@
 """Redis key and channel names.
 
-Some keys are shared by all tasks: the history's sequence that orders every event
-(and so lets one SSE cursor cover many tasks) and the task indexes. The write
-script touches them with the task's own keys, so on a Redis Cluster every name
-starts with the prefix as its hash tag, `{P}:…`, and all share one slot
-(docs/protocol.md, "Redis layout"); elsewhere names start with `P:`.
+Some keys are shared by the tasks of a partition: the history's sequence that
+orders their events (and so lets one SSE cursor cover many tasks) and the task
+indexes. The write script touches them with the task's own keys, so they must
+share a slot with them. One Redis is one partition, and names start with `P:`. On
+a Redis Cluster tasks are spread over PARTITIONS by their id, and the names of
+partition `p` start with the hash tag `{P.p}`: each partition is one slot, and
+the slots spread over the shards. What belongs to no task (workers, the running
+index, groups) starts with `{P}` there (docs/protocol.md, "Redis layout").
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 
 # Celery ids are UUIDs, but apps may choose their own; this admits those while
@@ -22,28 +26,51 @@ def is_task_id(value: str) -> bool:
     return _TASK_ID.fullmatch(value) is not None
 
 
+# Partitions on a Redis Cluster: as many slots (so shards) as the event log can
+# spread over. 12 spreads evenly over 2, 3, 4, 6 and 12 shards, and keeps the
+# longest composite cursor within 128 bytes (cursors.py); docs/protocol.md,
+# "Partitions", has the measurements.
+CLUSTER_PARTITIONS = 12
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "progress-sse"
-    # On a Redis Cluster every name starts with the prefix as a hash tag, `{P}:…`,
-    # so all keys and channels share one slot: the write script's keys must, and
-    # the web's reads and its one sharded subscription then need one node.
+    # On a Redis Cluster names start with a hash tag: `{P.p}` for partition p's,
+    # `{P}` for the rest (see the module's docstring).
     cluster: bool = False
     root: str = field(init=False, repr=False, compare=False)
+    partitions: int = field(init=False, repr=False, compare=False)
+    _roots: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", f"{{{self.prefix}}}" if self.cluster else self.prefix)
+        if self.cluster:
+            roots = tuple(f"{{{self.prefix}.{p}}}" for p in range(CLUSTER_PARTITIONS))
+            object.__setattr__(self, "root", f"{{{self.prefix}}}")
+        else:
+            roots = (self.prefix,)
+            object.__setattr__(self, "root", self.prefix)
+        object.__setattr__(self, "_roots", roots)
+        object.__setattr__(self, "partitions", len(roots))
+
+    def partition_of(self, task_id: str) -> int:
+        """The partition whose sequence numbers the task's events: CRC-32 of its id
+        (the same in every process, unlike Python's `hash`)."""
+        return zlib.crc32(task_id.encode()) % self.partitions if self.partitions > 1 else 0
+
+    def _task(self, task_id: str) -> str:
+        return f"{self._roots[self.partition_of(task_id)]}:task:{{{task_id}}}"
 
     def state(self, task_id: str) -> str:
         """Hash: the task's latest event, its cursor and what is known of the task."""
-        return f"{self.root}:task:{{{task_id}}}:state"
+        return f"{self._task(task_id)}:state"
 
     def log(self, task_id: str) -> str:
         """Stream: every event of the task, entry id `<seq>-0`."""
-        return f"{self.root}:task:{{{task_id}}}:log"
+        return f"{self._task(task_id)}:log"
 
     def channel(self, task_id: str) -> str:
-        return f"{self.root}:task:{{{task_id}}}:events"
+        return f"{self._task(task_id)}:events"
 
     def task_of_channel(self, channel: str) -> str:
         start, end = channel.rfind("{"), channel.rfind("}")
@@ -68,25 +95,22 @@ class Keys:
         """Hash: task id -> hostname of the worker running it."""
         return f"{self.root}:running"
 
-    @property
-    def history(self) -> str:
-        """Hash: `epoch`, the name of the event log's current history, and `n`, the
+    def history(self, partition: int = 0) -> str:
+        """Hash: `epoch`, the name of the partition's current history, and `n`, the
         last number its sequence gave out (src/progress_sse/cursors.py). One key, so
         the two are lost together or not at all."""
-        return f"{self.root}:history"
+        return f"{self._roots[partition]}:history"
 
-    @property
-    def recent(self) -> str:
-        """Sorted set: task id scored by the time it was first seen."""
-        return f"{self.root}:recent"
+    def recent(self, partition: int = 0) -> str:
+        """Sorted set: the partition's task ids, scored by the time each was first seen."""
+        return f"{self._roots[partition]}:recent"
 
-    @property
-    def control_channel(self) -> str:
-        """Kept subscribed by the web process so its pub/sub connection is never idle-empty."""
-        return f"{self.root}:hub"
+    def control_channel(self, partition: int = 0) -> str:
+        """Kept subscribed by the partition's subscriber, so its connection is never
+        idle-empty (in the partition's slot: a sharded subscription is to one slot's node)."""
+        return f"{self._roots[partition]}:hub"
 
-    @property
-    def queued(self) -> str:
-        """Sorted set: ids of the tasks whose state is `queued`, scored by when they
-        were queued (the write script keeps it; the reaper's queued rule reads it)."""
-        return f"{self.root}:queued"
+    def queued(self, partition: int = 0) -> str:
+        """Sorted set: the partition's ids of tasks whose state is `queued`, scored by
+        when they were queued (the write script keeps it; the reaper's queued rule reads it)."""
+        return f"{self._roots[partition]}:queued"

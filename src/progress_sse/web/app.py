@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from celery import Celery
 from ..allowlist import AllowList
 from ..allowlist import load as load_allowlist
 from ..config import Settings
-from ..connections import hub_client, keys_for, web_client
+from ..connections import hub_clients, keys_for, partition_clients, web_client
 from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
@@ -27,7 +28,7 @@ from .context import ACCESS, ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS,
 from .cors import Cors
 from .delivery import EventStream
 from .errors import Handler, json_errors
-from .hub import Hub
+from .hub import Hub, Hubs
 from .limits import default_max_streams
 from .store import Store
 
@@ -120,10 +121,23 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     keys = keys_for(settings)
     client = web_client(settings)
-    hub_redis = hub_client(settings)
+    partitions = partition_clients(settings)
+    hub_redis = hub_clients(settings)
     app[REDIS] = client
-    app[STORE] = Store(client, keys, history_ttl=settings.history_ttl)
-    hub = Hub(hub_redis, keys, buffer=settings.stream_buffer, new_epoch=app[STORE].new_epoch, sharded=keys.cluster)
+    store = app[STORE] = Store(client, keys, history_ttl=settings.history_ttl, partitions=partitions)
+    hubs = [
+        Hub(
+            hub_redis[p],
+            keys,
+            buffer=settings.stream_buffer,
+            new_epoch=functools.partial(store.new_epoch, partition=p),
+            sharded=keys.cluster,
+            partition=p,
+        )
+        for p in range(keys.partitions)
+    ]
+    # One Redis, one hub; a cluster's partitions each have theirs, served as one.
+    hub: Hub | Hubs = hubs[0] if len(hubs) == 1 else Hubs(hubs, keys, buffer=settings.stream_buffer)
     app[HUB] = hub
     app[STREAMS] = EventStream(
         hub,
@@ -143,8 +157,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await reaper_task
         await hub.close()
-        await hub_redis.aclose()
-        await client.aclose()
+        for connection in [*hub_redis, *(partitions or ()), client]:
+            await connection.aclose()
         app[PUBLISHER].client.close()
         await asyncio.to_thread(app[CELERY].close)
 

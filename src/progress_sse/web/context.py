@@ -15,7 +15,7 @@ from ..config import Settings
 from ..worker.publisher import Publisher
 from .access import Access
 from .delivery import EventStream
-from .hub import Hub
+from .hub import Hub, Hubs
 from .store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,6 +24,6 @@ ALLOWLIST = web.AppKey("allowlist", AllowList)
 CELERY = web.AppKey("celery", Celery)
 REDIS = web.AppKey("redis", aioredis.Redis)
 STORE = web.AppKey("store", Store)
-HUB = web.AppKey("hub", Hub)
+HUB: web.AppKey[Hub | Hubs] = web.AppKey("hub")
 STREAMS = web.AppKey("streams", EventStream)
 PUBLISHER = web.AppKey("publisher", Publisher)

@@ -5,13 +5,17 @@ Order of work, and why it is gapless and exactly-once:
 
 1. `hub.watch()` registers the watcher and returns once Redis confirmed the
    subscription, so from here on every new event reaches the watcher's inbox.
-2. `store.start()` reads, in one transaction, each task's current state (or its
-   log after the client's cursor) and the history's position `upto`. Every event
-   of these tasks at or before `upto` is thereby sent or summed up by a state.
-3. Live frames at or before the stream's position are dropped; every other one
-   is sent and moves the position. Cursors come from one sequence shared by all
-   tasks and pub/sub keeps publish order, so the ids a client sees only increase,
-   and `Last-Event-ID` is one cursor that covers every task on the stream.
+2. `store.start()` reads, in one transaction per partition, each task's current
+   state (or its log after the client's cursor) and the partition's position
+   `upto`. Every event of these tasks at or before `upto` is thereby sent or
+   summed up by a state.
+3. Live frames at or before the stream's position in their partition are
+   dropped; every other one is sent and moves that position. Numbers come from
+   one sequence per partition, shared by its tasks, and pub/sub keeps publish
+   order on a channel's node, so within a partition the numbers a stream sends
+   only increase. `Last-Event-ID` is one cursor that covers every task on the
+   stream: on one Redis (one partition) the last event's id, on a cluster the
+   stream's place in each partition (`stamp`).
 4. On a resync signal (subscriber reconnect, an inbox overflow, or the hub hearing
    that the history changed) the log after the position is read the same way.
 5. A position names its history (src/progress_sse/cursors.py). When that history
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -37,11 +42,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from .. import cursors
-from ..cursors import Cursor, Position
+from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
 from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
 from .errors import error
-from .hub import Hub, HubUnavailable, Signal, Watcher
+from .hub import Hub, Hubs, HubUnavailable, Signal, Watcher
 from .incidents import Incidents
 from .store import Start, Store
 
@@ -64,12 +69,29 @@ SSE_HEADERS = {
 }
 
 
-def parse_cursor(request: web.Request) -> Cursor | None:
+def parse_cursor(request: web.Request, partitions: int = 1) -> Cursor | None:
     """`Last-Event-ID` (winning) or `?last_event_id=`: see cursors.parse."""
     raw = request.headers.get("Last-Event-ID")
     if raw is None:
         raw = request.query.get("last_event_id")
-    return cursors.parse(raw)
+    return cursors.parse(raw, partitions=partitions)
+
+
+def stamp(frames: list[Frame], places: Places, *, composite: bool) -> list[Frame]:
+    """`frames`, sent in this order on one stream, with the ids they carry there;
+    `places` (the stream's place before them, in each partition) moves past each.
+    On one Redis a frame's id is its own `<epoch>-<n>`, the same on every stream,
+    so the frame is sent as it is. On a cluster it is the stream's place in every
+    partition after it (cursors.composite), and the frame is copied with that id."""
+    if not composite:
+        return frames
+    stamped = []
+    for frame in frames:
+        if frame.epoch is not None:
+            places[frame.partition] = Position(frame.epoch, frame.seq)
+            frame = dataclasses.replace(frame, cursor=cursors.composite(places, frame.partition))
+        stamped.append(frame)
+    return stamped
 
 
 @dataclass(slots=True)
@@ -116,6 +138,7 @@ class Live:
     ) -> None:
         self.request, self.response, self.watcher, self.store = request, response, watcher, store
         self.heartbeat, self.write_timeout, self.encode = heartbeat, write_timeout, encode
+        self.composite = store.keys.partitions > 1
         self._clock = asyncio.get_running_loop().time
         self._last_write = self._clock()
         self._deadline = self._clock() + (expires - time.time())  # on the loop's clock
@@ -141,9 +164,16 @@ class Live:
     async def send_batch(self, batch: Batch) -> None:
         await self.send(batch.frames, before=batch.head)
 
-    async def batches(self, tasks: Callable[[], Collection[str]], position: Position) -> AsyncGenerator[Batch, None]:
-        epoch, n = position.epoch, position.n  # two locals: read for every frame
-        left: set[str] = set()  # histories this stream left: their stragglers are no news
+    def stamped(self, frames: list[Frame], places: Places) -> list[Frame]:
+        """See `stamp`."""
+        return stamp(frames, places, composite=self.composite)
+
+    async def batches(self, tasks: Callable[[], Collection[str]], places: Places) -> AsyncGenerator[Batch, None]:
+        """`places`: where the stream stands in each of its tasks' partitions, once
+        what it sent first (a Start's frames) is sent: its frames' ids go on from there."""
+        at = dict(places)  # what the stream has: a live frame at or before it is no news
+        ids = dict(places)  # what the ids of the frames sent so far say it has
+        left: set[tuple[int, str]] = set()  # histories this stream left: their stragglers are no news
         while not self.watcher.closed:
             # Items the stream drops (duplicates) must not postpone the ping.
             now = self._clock()
@@ -160,36 +190,37 @@ class Live:
                 if item is Signal.CLOSE:
                     break
                 if isinstance(item, Frame):
-                    if item.epoch == epoch:
-                        if item.seq > n and item.task_id in tasks():
+                    mine = at.get(item.partition)
+                    if mine is not None and item.epoch == mine.epoch:
+                        if item.seq > mine.n and item.task_id in tasks():
                             batch.append(item)
-                            n = item.seq
+                            at[item.partition] = Position(item.epoch, item.seq)
                         continue
-                    if item.epoch in left:
+                    if (item.partition, item.epoch) in left:
                         continue
                 # A resync, or a frame of a history this stream has not seen: read
                 # where its tasks stand since its position.
-                catchup = await self.store.after(tasks(), Position(epoch, n))
+                catchup = await self.store.after(tasks(), at)
                 if not catchup.lost:
                     batch += catchup.frames
-                    n = catchup.upto.n
+                    at = catchup.upto
                     continue
                 if batch:
-                    yield Batch(batch)
+                    yield Batch(self.stamped(batch, ids))
                     batch = []
-                left.add(epoch)
-                reset, upto = await self.reset(tasks(), HISTORY_LOST)
-                epoch, n = upto.epoch, upto.n
+                left.update((p, place.epoch) for p, place in at.items())
+                reset, at = await self.reset(tasks(), HISTORY_LOST)
+                ids = dict(at)
                 yield reset
             if batch:
-                yield Batch(batch)
+                yield Batch(self.stamped(batch, ids))
 
-    async def reset(self, tasks: Collection[str], reason: str) -> tuple[Batch, Position]:
+    async def reset(self, tasks: Collection[str], reason: str) -> tuple[Batch, Places]:
         """Start over: a reset frame, then each task's current state (read now), and
-        the position they are as of."""
+        the places they are as of."""
         start = await self.store.start(sorted(tasks), None)
         missing = [t.task_id for t in start.tasks if not t.known]
-        return Batch(start.frames(), reset_frame(reason, missing)), start.upto
+        return Batch(self.stamped(start.frames(), {}), reset_frame(reason, missing)), start.upto
 
 
 @dataclass
@@ -252,7 +283,7 @@ class SharedReads:
     issued. A read waits one turn of the event loop before it is issued, so that
     the streams whose subscriptions were confirmed together all join it."""
 
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub | Hubs) -> None:
         self.store, self.hub = store, hub
         self._inflight: dict[tuple[Any, ...], _Read] = {}
         self.shared = 0  # reads saved (tests and benchmarks read it)
@@ -289,7 +320,7 @@ class SharedReads:
 class EventStream:
     def __init__(
         self,
-        hub: Hub,
+        hub: Hub | Hubs,
         store: Store,
         access: Access,
         *,
@@ -347,7 +378,7 @@ class EventStream:
         self.open += 1
         stream: Opened | None = None
         try:
-            cursor = parse_cursor(request)
+            cursor = parse_cursor(request, self.store.keys.partitions)
             ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
             async with self.hub.watch(ids) as watcher:
                 stream = Opened(request, self, watcher, ids, cursor)
@@ -407,7 +438,7 @@ class EventStream:
             live = await stream.begin()
             head = reset_frame(start.reset, missing) if start.reset else b""
             head += b"".join(unknown_task_frame(task_id) for task_id in unknown if task_id not in missing)
-            await live.send(frames, before=PING + head)
+            await live.send(live.stamped(frames, dict(start.base)), before=PING + head)
             if waiting:
                 async with contextlib.aclosing(live.batches(lambda: waiting, start.upto)) as batches:
                     async for batch in batches:

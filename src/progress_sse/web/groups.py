@@ -18,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ..cursors import Position
 from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of, reset_frame
 from .delivery import EventStream
 from .errors import error
@@ -87,23 +86,31 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
         return ids
 
     async with streams.opened(request, known_members, group=group_id) as stream:
-        ids, cursor = stream.ids, stream.cursor
+        ids = stream.ids
         start = await stream.start(replay=False)  # the aggregate is a state: it starts from the current one
         latest: dict[str, Frame] = {t.task_id: t.frames[-1] for t in start.tasks if t.known}
 
         def ended() -> bool:
             return len(latest) == len(ids) and all(f.terminal for f in latest.values())
 
-        def newest() -> Frame | None:
-            """The member frame the aggregate is as of: its id is the group frame's."""
-            return max((f for f in latest.values() if f.id), key=lambda f: f.seq, default=None)
+        def covered(frame: Frame) -> bool:
+            at = start.base.get(frame.partition)
+            return frame.position is None or (at is not None and at.covers(frame.position))
 
-        last = newest()
-        if ended() and start.resumed and last is not None and last.position is not None:
-            if isinstance(cursor, Position) and cursor.covers(last.position):
-                return web.Response(status=204)
+        # The client's cursor is at or past every member's end: it has seen it all.
+        if ended() and start.resumed and all(covered(f) for f in latest.values()):
+            return web.Response(status=204)
 
         live = await stream.begin()
+
+        def newest(frames: list[Frame]) -> Frame | None:
+            """The last of `frames` (as sent) that has an id: the aggregate made from
+            them is as of it, and the group frame carries its id."""
+            return next((f for f in reversed(frames) if f.id), None)
+
+        first = live.stamped(start.frames(), {})
+        latest = {member.task_id: member for member in first}
+        last = newest(first)
 
         def frame(changed: Frame | None) -> bytes:
             body = aggregate(group_id, {t: f.payload() for t, f in latest.items()}, len(ids))
@@ -118,7 +125,7 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
                 async for batch in batches:
                     if batch.head:  # started over: the aggregate is made again from current states
                         latest = {member.task_id: member for member in batch.frames}
-                        await live.write(batch.head + frame(newest()))
+                        await live.write(batch.head + frame(newest(batch.frames)))
                         if ended():
                             break
                         continue

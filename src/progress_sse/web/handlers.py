@@ -15,13 +15,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..allowlist import ParamError
 from ..celery_progress import celery_progress_json
+from ..cursors import parse_id
 from ..events import State
 from ..keys import is_task_id
 from . import control, groups, pages, reaper
 from .access import authorize, authorize_watch, body_for
 from .context import ACCESS, ALLOWLIST, HUB, REDIS, STORE, STREAMS
 from .errors import error
-from .store import describe
+from .store import describe, task_cursor
 
 MAX_BODY = 64 * 1024
 MAX_STREAM_TASKS = 100
@@ -83,7 +84,7 @@ async def start_task(request: web.Request) -> web.Response:
         "status_url": location,
         "events_url": f"{location}/events",
         # The queued event's: a stream resumed from just before it shows every event.
-        "cursor": cursor,
+        "cursor": cursor and task_cursor(request.app[STORE].keys, task_id, parse_id(cursor)),
         **workers,
     }
     token = request.app[ACCESS].watch_token_for(task_id, grant)
@@ -130,7 +131,7 @@ async def task_state(request: web.Request) -> web.Response:
     task_id = _id(request)
     await authorize_watch(request, request.app[STORE], [task_id])
     state = await request.app[STORE].task(task_id)
-    body = body_for(request, access, describe(state)) if state else None
+    body = body_for(request, access, describe(state, request.app[STORE].keys)) if state else None
     if request.query.get("format") == "celery-progress":
         # celery-progress's view shape, for polling front ends mid-migration. An id
         # not seen yet is PENDING there (its JS stops polling on any non-200).

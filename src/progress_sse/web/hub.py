@@ -68,23 +68,30 @@ class Watcher:
         self._items: deque[Item] = deque()
         self._bytes = 0
         self._wakeup: asyncio.Future[None] | None = None
-        self._held: list[Frame] | None = None  # a list while the subscription is being restored
+        self._held: list[Frame] | None = None  # a list while a subscription is being restored
         self._held_bytes = 0
+        self._holders: set[object] = set()  # the hubs whose subscription is being restored
 
-    def hold(self) -> None:
-        """The subscription dropped: keep live frames aside until `resume`. Otherwise a
-        frame published after the reconnect could move the stream past the events
-        published while it was down, before it has read them from the log."""
+    def hold(self, by: object) -> None:
+        """`by`'s subscription dropped: keep live frames aside until `by` resumes.
+        Otherwise a frame published after the reconnect could move the stream past
+        the events published while it was down, before it has read them from the log.
+        (A stream of tasks in several partitions has a hub, so a holder, for each.)"""
+        self._holders.add(by)
         if self._held is None:
             self._held, self._held_bytes = [], 0
 
-    def resume(self) -> None:
-        """Subscribed again: read the log first (RESYNC), then the frames held meanwhile."""
-        held, self._held = self._held, None
-        if held is None:
+    def resume(self, by: object) -> None:
+        """`by` subscribed again: read the log first (RESYNC), then, once no hub holds
+        the stream any more, the frames held meanwhile."""
+        if by not in self._holders:
             return
+        self._holders.discard(by)
         self.deliver(Signal.RESYNC)
-        for frame in held:
+        if self._holders:
+            return
+        held, self._held = self._held, None
+        for frame in held or ():
             self.deliver(frame)
 
     def deliver(self, item: Item) -> None:
@@ -164,6 +171,8 @@ class HubUnavailable(Exception):
 
 
 class Hub:
+    """The subscriber of one partition's channels (one Redis is one partition)."""
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -175,6 +184,7 @@ class Hub:
         backoff: tuple[float, float] = (0.05, 5.0),
         new_epoch: Callable[[str], Awaitable[str]] | None = None,
         sharded: bool = False,
+        partition: int = 0,
     ) -> None:
         # `client` must not retry on its own: redis-py's pub/sub would reconnect
         # and resubscribe silently, and the messages in between would be lost.
@@ -184,6 +194,7 @@ class Hub:
         self._sharded = sharded
         self._dropping: Counter[str] = Counter()  # sunsubscribes asked for, not yet answered
         self._keys = keys
+        self.partition = partition
         self._buffer = buffer
         self._subscribe_timeout = subscribe_timeout
         self._idle_ping = idle_ping
@@ -253,6 +264,10 @@ class Hub:
             watcher.close()
 
     @property
+    def watchers(self) -> frozenset[Watcher]:
+        return frozenset(self._watchers)
+
+    @property
     def watcher_count(self) -> int:
         return len(self._watchers)
 
@@ -261,9 +276,12 @@ class Hub:
         return {self._keys.task_of_channel(c) for c in self._channels}
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_ids: Iterable[str]) -> AsyncIterator[Watcher]:
-        watcher = Watcher(task_ids, limit=self._buffer)
-        channels = [self._keys.channel(t) for t in watcher.task_ids]
+    async def watch(self, task_ids: Iterable[str], watcher: Watcher | None = None) -> AsyncIterator[Watcher]:
+        """A watcher of `task_ids`, subscribed; or, given `watcher` (a stream whose
+        tasks are in several partitions: Hubs), that one, for these of its tasks."""
+        task_ids = frozenset(task_ids)
+        watcher = watcher or Watcher(task_ids, limit=self._buffer)
+        channels = [self._keys.channel(t) for t in task_ids]
         self._watchers.add(watcher)
         for name in channels:
             channel = self._channels.get(name)
@@ -304,7 +322,7 @@ class Hub:
             syncer: asyncio.Task[None] | None = None
             try:
                 self._pubsub = pubsub
-                await self._subscribe(pubsub, self._keys.control_channel)
+                await self._subscribe(pubsub, self._keys.control_channel(self.partition))
                 if self._closing:  # the cancellation may have been lost in redis-py's connect
                     return
                 self.connections += 1
@@ -334,7 +352,7 @@ class Hub:
             if self._resync is not None:
                 self._resync.cancel()  # it belonged to the connection that just dropped
             for watcher in self._watchers:
-                watcher.hold()
+                watcher.hold(self)
             # New watchers must wait for the next connection's confirmation.
             for channel in self._channels.values():
                 if channel.ready.done():
@@ -377,7 +395,7 @@ class Hub:
         channel = self._channels.get(name)
         if channel is None:
             return  # unsubscribed meanwhile
-        frame = Frame(self._keys.task_of_channel(name), position.n, state, payload, position.epoch)
+        frame = Frame(self._keys.task_of_channel(name), position.n, state, payload, position.epoch, self.partition)
         for watcher in channel.watchers:
             watcher.deliver(frame)
 
@@ -466,9 +484,63 @@ class Hub:
         if waiting:
             await asyncio.wait(waiting, timeout=self._subscribe_timeout)
         for watcher in list(self._watchers):
-            watcher.resume()
+            watcher.resume(self)
 
 
 def _cancelling() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+class Hubs:
+    """The hubs of every partition, as one: a stream of tasks in several partitions
+    (on a cluster) has one watcher, subscribed through each of their hubs. Each hub
+    holds its own sharded subscription, to the master of its partition's slot, and
+    follows that slot by itself; a process holds at most one per partition,
+    however many streams it serves."""
+
+    def __init__(self, hubs: list[Hub], keys: Keys, *, buffer: int = 256 * 1024) -> None:
+        self.hubs, self._keys, self._buffer = hubs, keys, buffer
+        # Counts watchers registered and subscribed in every hub they need: a read
+        # issued when it stood at N covers the watchers up to N (web/delivery.py).
+        self.generation = 0
+
+    async def start(self) -> None:
+        for hub in self.hubs:
+            await hub.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(hub.close() for hub in self.hubs))
+
+    def close_watchers(self) -> None:
+        for hub in self.hubs:
+            hub.close_watchers()
+
+    @property
+    def running(self) -> bool:
+        return all(hub.running for hub in self.hubs)
+
+    @property
+    def watcher_count(self) -> int:
+        return len(frozenset().union(*(hub.watchers for hub in self.hubs)))
+
+    @property
+    def subscribed_tasks(self) -> set[str]:
+        return {task for hub in self.hubs for task in hub.subscribed_tasks}
+
+    @property
+    def connections(self) -> int:
+        return sum(hub.connections for hub in self.hubs)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_ids: Iterable[str]) -> AsyncIterator[Watcher]:
+        watcher = Watcher(task_ids, limit=self._buffer)
+        by_partition: dict[int, list[str]] = {}
+        for task_id in watcher.task_ids:
+            by_partition.setdefault(self._keys.partition_of(task_id), []).append(task_id)
+        async with contextlib.AsyncExitStack() as watching:
+            for partition, ids in sorted(by_partition.items()):
+                await watching.enter_async_context(self.hubs[partition].watch(ids, watcher))
+            self.generation += 1
+            watcher.confirmed = self.generation
+            yield watcher

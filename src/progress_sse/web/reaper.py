@@ -108,9 +108,9 @@ class QueuedRule:
     # Tasks whose message was not found when they were last looked for: lost if it
     # is not found the next time either.
     missing: set[str] = field(default_factory=set)
-    # Where in the stale queued tasks the next check starts: each check takes the
-    # next QUEUED_PER_CHECK, so a long backlog is looked through in turn.
-    offset: int = 0
+    # Where in each partition's stale queued tasks the next check starts: each check
+    # takes the next QUEUED_PER_CHECK, so a long backlog is looked through in turn.
+    offsets: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> QueuedRule | None:
@@ -132,11 +132,14 @@ async def reap_queued_once(
     mark lost those whose message was missing this time and the time before; returns
     their ids."""
     now = time.time() if now is None else now
-    stale = cast(
-        list[str],
-        await client.zrangebyscore(keys.queued, "-inf", now - rule.timeout, start=rule.offset, num=QUEUED_PER_CHECK),
-    )
-    rule.offset = rule.offset + len(stale) if len(stale) == QUEUED_PER_CHECK else 0
+    pipe = client.pipeline(transaction=False)
+    for partition in range(keys.partitions):
+        offset = rule.offsets.get(partition, 0)
+        pipe.zrangebyscore(keys.queued(partition), "-inf", now - rule.timeout, start=offset, num=QUEUED_PER_CHECK)
+    pages = cast(list[list[str]], await pipe.execute())
+    for partition, page in enumerate(pages):
+        rule.offsets[partition] = rule.offsets.get(partition, 0) + len(page) if len(page) == QUEUED_PER_CHECK else 0
+    stale = [task_id for page in pages for task_id in page]
     if not stale:
         return []
     pipe = client.pipeline(transaction=False)
@@ -150,7 +153,10 @@ async def reap_queued_once(
         else:  # moved on (or expired) without the index hearing of it, or not in this broker
             done.append(task_id)
     if done:
-        await client.zrem(keys.queued, *done)
+        pipe = client.pipeline(transaction=False)
+        for task_id in done:
+            pipe.zrem(keys.queued(keys.partition_of(task_id)), task_id)
+        await pipe.execute()
         rule.missing.difference_update(done)
     held = await held_by_broker(rule.broker, candidates) if candidates else set()
     if held is None:  # the broker cannot tell: nothing is marked, nothing remembered

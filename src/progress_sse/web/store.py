@@ -1,14 +1,16 @@
 """Web side reads: a task's state, its log after a cursor, the recent-tasks index.
 
-The reads a watcher starts from are one MULTI transaction, so every task on a stream
-is seen at the same instant: the sequence value `upto` read with them is then a
-single position that covers all of them (see web/delivery.py for why that makes
-delivery gapless and exactly-once).
+The reads a watcher starts from are one MULTI transaction per partition, so every
+task of a partition on a stream is seen at the same instant: the sequence value
+`upto` read with them is then a single position that covers all of them (see
+web/delivery.py for why that makes delivery gapless and exactly-once). One Redis
+is one partition; on a cluster each partition's transaction goes to the master
+of its slot, and they run side by side.
 """
 
 from __future__ import annotations
 
-import heapq
+import asyncio
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from ..cursors import Cursor, Position, new_epoch
+from ..cursors import STARTS, Cursor, Places, Position, Sealed, composite, new_epoch
 from ..events import CURSOR_UNKNOWN, Frame, is_terminal
 from ..history import READ_LUA, RENAME_LUA
 from ..keys import Keys
@@ -41,19 +43,23 @@ class TaskStart:
 @dataclass(slots=True)
 class Start:
     tasks: list[TaskStart]
-    upto: Position
+    # Where the stream stands once these frames are sent: each of its partitions.
+    upto: Places
     # False when the request had no cursor, or one we could not honour.
     resumed: bool
     # CURSOR_UNKNOWN when the request had a cursor we could not honour: the stream
     # starts with a reset frame, and tasks without a state are watched as missing.
     reset: str | None = None
-    # The history began less than a task's keys live (PROGRESS_SSE_HISTORY_TTL) ago:
+    # A history began less than a task's keys live (PROGRESS_SSE_HISTORY_TTL) ago:
     # a task with no state may have been lost with the one before, not expired.
     young: bool = False
+    # The client's cursor, as places in the stream's partitions (when `resumed`).
+    base: Places = field(default_factory=dict)
 
     def frames(self) -> list[Frame]:
-        """Every task's first frames, merged in cursor order."""
-        return list(heapq.merge(*(t.frames for t in self.tasks), key=lambda f: f.seq))
+        """Every task's first frames, in cursor order within each partition."""
+        every = [frame for task in self.tasks for frame in task.frames]
+        return sorted(every, key=lambda f: (f.partition, f.seq))  # stable: tasks sharing a number keep their order
 
 
 @dataclass(slots=True)
@@ -61,17 +67,30 @@ class Catchup:
     """Every event of some tasks after a stream's position, read from their logs."""
 
     frames: list[Frame]
-    upto: Position
+    upto: Places
     # The history the position belongs to is gone: the stream must start over.
     lost: bool
 
 
 class Store:
-    def __init__(self, client: aioredis.Redis, keys: Keys, *, history_ttl: int = 86_400) -> None:
+    """`client` reads any key (on a cluster, redis-py's cluster client routes each);
+    `partitions`, one client per partition, run the transactions that must see a
+    partition at one instant (by default `client` serves them all)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        history_ttl: int = 86_400,
+        partitions: Sequence[aioredis.Redis] | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.history_ttl = history_ttl
-        self._rotate = client.register_script(RENAME_LUA)
+        self.partitions = list(partitions) if partitions is not None else [client] * keys.partitions
+        if len(self.partitions) != keys.partitions:
+            raise ValueError(f"{keys.partitions} partitions need as many clients, not {len(self.partitions)}")
 
     async def task(self, task_id: str) -> dict[str, str] | None:
         raw = await self.client.hgetall(self.keys.state(task_id))
@@ -85,11 +104,22 @@ class Store:
         found = await pipe.execute()
         return {task_id: str(group) for task_id, group in zip(task_ids, found, strict=True) if group}
 
-    def _history(self, pipe: Any) -> None:
-        """Queue the read of where the current history stands (history.py). EVAL of
-        the text, not a registered script: redis-py sends SCRIPT EXISTS before every
-        pipeline that holds one, a round trip more for each stream that opens."""
-        pipe.eval(READ_LUA, 1, self.keys.history, new_epoch())
+    def by_partition(self, task_ids: Iterable[str]) -> dict[int, list[str]]:
+        found: dict[int, list[str]] = {}
+        for task_id in task_ids:
+            found.setdefault(self.keys.partition_of(task_id), []).append(task_id)
+        return found
+
+    async def _read(self, partition: int, queue: Any) -> tuple[_History, list[Any]]:
+        """One transaction on the partition: where its history stands (history.py),
+        then what `queue(pipe)` asks. EVAL of the script's text, not a registered
+        script: redis-py sends SCRIPT EXISTS before every pipeline that holds one, a
+        round trip more for each stream that opens."""
+        pipe = self.partitions[partition].pipeline(transaction=True)
+        pipe.eval(READ_LUA, 1, self.keys.history(partition), new_epoch())
+        queue(pipe)
+        history, *replies = await pipe.execute()
+        return _History(*history), replies
 
     async def start(
         self, task_ids: Sequence[str], cursor: Cursor | None, fresh: Iterable[str] = (), *, replay: bool = True
@@ -100,114 +130,154 @@ class Store:
         state, but whether the cursor could be resumed is still told (a group's
         stream sends an aggregate, which is a state)."""
         fresh = frozenset(fresh)
-        after = cursor.n if isinstance(cursor, Position) and replay else None
-        pipe = self.client.pipeline(transaction=True)
-        self._history(pipe)
-        for task_id in task_ids:
-            pipe.hmget(self.keys.state(task_id), _STATE_FIELDS)
-            if after is not None:
-                log = self.keys.log(task_id)
-                pipe.xlen(log)
-                pipe.xrange(log, "-", "+", count=1)
-                pipe.xrange(log, f"{after + 1}-0", "+")
-        replies = iter(await pipe.execute())
-        history = _History(*next(replies))
-        upto = history.upto
-        if isinstance(cursor, Position) and cursor.epoch == "":  # `0`: the start of this history
-            cursor = Position(upto.epoch, 0)
+        tasks_in = self.by_partition(task_ids)
+        numbers = _numbers(cursor, tasks_in) if replay else {}
+        # A composite cursor's digest covers every partition it lists: all are read.
+        listed = [p for p, _ in cursor.numbers] if isinstance(cursor, Sealed) else []
+        partitions = sorted(set(tasks_in) | set(listed))
+
+        def queue(partition: int) -> Any:
+            after = numbers.get(partition)
+
+            def reads(pipe: Any) -> None:
+                for task_id in tasks_in.get(partition, ()):
+                    pipe.hmget(self.keys.state(task_id), _STATE_FIELDS)
+                    if after is not None:
+                        log = self.keys.log(task_id)
+                        pipe.xlen(log)
+                        pipe.xrange(log, "-", "+", count=1)
+                        pipe.xrange(log, f"{after + 1}-0", "+")
+
+            return reads
+
+        read = await asyncio.gather(*(self._read(p, queue(p)) for p in partitions))
+        histories = {p: history for p, (history, _) in zip(partitions, read, strict=True)}
+        base = _opened(cursor, histories, tasks_in)
         # A cursor of another history, from the future (another Redis, or one that
         # lagged) or no cursor at all: current states, after a reset frame.
-        resumed = isinstance(cursor, Position) and upto.covers(cursor)
-        tasks = []
-        for task_id in task_ids:
-            state, seq, latest, events, epoch = next(replies)
-            if after is not None:
-                length, first, entries = next(replies), next(replies), next(replies)
-            if state is None:
-                tasks.append(TaskStart(task_id, known=False))
-                continue
-            if epoch != upto.epoch:
-                # A state kept from before this history began (a restart that kept
-                # its data, say): sent first, as of the history's first number. A
-                # cursor at or past that number had it (from the stream's start in
-                # this history), unless the task is new to the stream; a group's
-                # aggregate always needs it.
-                covered = resumed and replay and after is not None and after >= history.since
-                kept = Frame(task_id, history.since, state, latest, upto.epoch)
-                frames = [] if covered and task_id not in fresh else [kept]
-            elif not resumed or not replay:
-                frames = [Frame(task_id, int(seq), state, latest, epoch)]
-            elif task_id in fresh:
-                # Its state as of `upto`, sent with that id: a cursor must never go
-                # backwards, or a reconnect would repeat other tasks' events.
-                frames = [Frame(task_id, upto.n, state, latest, upto.epoch)]
-            else:
-                assert after is not None
-                trimmed = int(events or 0) > length
-                first_seq = _seq(first[0][0]) if first else 0
-                # Events after the cursor were trimmed away: current state it is.
-                if trimmed and after < first_seq:
-                    frames = [Frame(task_id, int(seq), state, latest, epoch)]
+        resumed = base is not None
+        base = base or {}
+        tasks: dict[str, TaskStart] = {}
+        for partition, (history, replies_list) in zip(partitions, read, strict=True):
+            replies = iter(replies_list)
+            upto = history.upto
+            at = base.get(partition)
+            after = at.n if at is not None and replay else None
+            for task_id in tasks_in.get(partition, ()):
+                state, seq, latest, events, epoch = next(replies)
+                if partition in numbers:
+                    length, first, entries = next(replies), next(replies), next(replies)
+                if state is None:
+                    tasks[task_id] = TaskStart(task_id, known=False)
+                    continue
+                if epoch != upto.epoch:
+                    # A state kept from before this history began (a restart that kept
+                    # its data, say): sent first, as of the history's first number. A
+                    # cursor at or past that number had it (from the stream's start in
+                    # this history), unless the task is new to the stream; a group's
+                    # aggregate always needs it.
+                    covered = after is not None and after >= history.since
+                    kept = Frame(task_id, history.since, state, latest, upto.epoch, partition)
+                    frames = [] if covered and task_id not in fresh else [kept]
+                elif not resumed or not replay:
+                    frames = [Frame(task_id, int(seq), state, latest, epoch, partition)]
+                elif task_id in fresh or after is None:
+                    # Its state as of `upto`, sent with that number: a cursor must never
+                    # go backwards, or a reconnect would repeat other tasks' events.
+                    # (`after` None: a partition the client's cursor does not list.)
+                    frames = [Frame(task_id, upto.n, state, latest, upto.epoch, partition)]
                 else:
-                    frames = _frames(task_id, entries, upto.epoch)
-            tasks.append(TaskStart(task_id, known=True, state=state, frames=frames))
+                    trimmed = int(events or 0) > length
+                    first_seq = _seq(first[0][0]) if first else 0
+                    # Events after the cursor were trimmed away: current state it is.
+                    if trimmed and after < first_seq:
+                        frames = [Frame(task_id, int(seq), state, latest, epoch, partition)]
+                    else:
+                        frames = _frames(task_id, entries, upto.epoch, partition)
+                tasks[task_id] = TaskStart(task_id, known=True, state=state, frames=frames)
         reset = CURSOR_UNKNOWN if cursor is not None and not resumed else None
-        return Start(tasks, upto, resumed, reset, young=history.age < self.history_ttl)
+        young = any(histories[p].age < self.history_ttl for p in tasks_in)
+        upto_places = {p: histories[p].upto for p in tasks_in}
+        return Start([tasks[t] for t in task_ids], upto_places, resumed, reset, young=young, base=base)
 
-    async def after(self, task_ids: Iterable[str], position: Position) -> Catchup:
-        """Every event of these tasks after `position`, in order, and the new position;
-        or, when the position's history is gone (another epoch now, or a sequence
-        that went back: a replica that lagged), `lost`. A sequence that went back
-        is given a new epoch at once, so no cursor of the old one passes for a
-        position in what follows (docs/protocol.md, "Cursors")."""
-        task_ids = list(task_ids)
-        pipe = self.client.pipeline(transaction=True)
-        self._history(pipe)
-        for task_id in task_ids:
-            pipe.hget(self.keys.state(task_id), "epoch")
-            pipe.xrange(self.keys.log(task_id), f"{position.n + 1}-0", "+")
-        replies = await pipe.execute()
-        upto = _History(*replies[0]).upto
-        if upto.epoch != position.epoch or upto.n < position.n:
-            if upto.epoch == position.epoch:
-                await self.new_epoch(upto.epoch)
+    async def after(self, task_ids: Iterable[str], places: Places) -> Catchup:
+        """Every event of these tasks after `places`, in order within each partition,
+        and the new places; or, when the history of one of the places is gone
+        (another epoch now, or a sequence that went back: a replica that lagged),
+        `lost`. A sequence that went back is given a new epoch at once, so no
+        cursor of the old one passes for a position in what follows
+        (docs/protocol.md, "Cursors")."""
+        tasks_in = self.by_partition(task_ids)
+        partitions = sorted(p for p in tasks_in if p in places)
+
+        def queue(partition: int) -> Any:
+            after = places[partition].n
+
+            def reads(pipe: Any) -> None:
+                for task_id in tasks_in[partition]:
+                    pipe.hget(self.keys.state(task_id), "epoch")
+                    pipe.xrange(self.keys.log(task_id), f"{after + 1}-0", "+")
+
+            return reads
+
+        read = await asyncio.gather(*(self._read(p, queue(p)) for p in partitions))
+        upto = dict(places)
+        frames: list[Frame] = []
+        lost = False
+        for partition, (history, replies) in zip(partitions, read, strict=True):
+            now, was = history.upto, places[partition]
+            upto[partition] = now
+            if now.epoch != was.epoch or now.n < was.n:
+                if now.epoch == was.epoch:
+                    await self.new_epoch(now.epoch, partition)
+                lost = True
+                continue
+            per_task = [
+                _frames(task_id, entries, now.epoch, partition)
+                for task_id, epoch, entries in zip(tasks_in[partition], replies[::2], replies[1::2], strict=True)
+                if epoch == now.epoch  # a log kept from a lost history numbers another sequence
+            ]
+            frames += sorted((f for task in per_task for f in task), key=lambda f: f.seq)
+        if lost:
             return Catchup([], upto, lost=True)
-        per_task = [
-            _frames(task_id, entries, upto.epoch)
-            for task_id, epoch, entries in zip(task_ids, replies[1::2], replies[2::2], strict=True)
-            if epoch == upto.epoch  # a log kept from a lost history numbers another sequence
-        ]
-        return Catchup(list(heapq.merge(*per_task, key=lambda f: f.seq)), upto, lost=False)
+        return Catchup(frames, upto, lost=False)
 
-    async def new_epoch(self, lost: str) -> str:
-        """Give the history a new name if it is still called `lost`; the name it has."""
-        return str(await self._rotate(keys=[self.keys.history], args=[lost, new_epoch()]))
+    async def new_epoch(self, lost: str, partition: int = 0) -> str:
+        """Give the partition's history a new name if it is still called `lost`; the
+        name it has."""
+        history = self.keys.history(partition)
+        return str(await self.partitions[partition].eval(RENAME_LUA, 1, history, lost, new_epoch()))
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` tasks whose history is still kept, newest first."""
-        found: list[dict[str, Any]] = []
-        start = 0
-        while len(found) < limit:
-            # Tasks expire by their last event but are indexed by their first, so an
-            # expired one can sit among live ones: read on until the page is full.
-            task_ids = cast(list[str], await self.client.zrevrange(self.keys.recent, start, start + limit - 1))
-            if not task_ids:
-                break
-            start += len(task_ids)
+        """The newest `limit` tasks whose history is still kept, newest first (each
+        partition's index read, and merged)."""
+        while True:
             pipe = self.client.pipeline(transaction=False)
-            for task_id in task_ids:
+            for partition in range(self.keys.partitions):
+                pipe.zrevrange(self.keys.recent(partition), 0, limit - 1, withscores=True)
+            pages = await pipe.execute()
+            newest = sorted(
+                ((score, task_id, p) for p, page in enumerate(pages) for task_id, score in page), reverse=True
+            )[:limit]
+            pipe = self.client.pipeline(transaction=False)
+            for _, task_id, _ in newest:
                 pipe.hgetall(self.keys.state(task_id))
-            states = await pipe.execute()
-            gone = [t for t, s in zip(task_ids, states, strict=True) if not s]
-            if gone:  # the index forgets them too
-                await self.client.zrem(self.keys.recent, *gone)
-                start -= len(gone)
-            found += [describe(s) for s in states if s]
-        return found[:limit]
+            states = await pipe.execute() if newest else []
+            # Tasks expire by their last event but are indexed by their first, so an
+            # expired one can sit among live ones: the index forgets it, and is read again.
+            gone = [(task_id, p) for (_, task_id, p), state in zip(newest, states, strict=True) if not state]
+            if not gone:
+                return [describe(state, self.keys) for state in states]
+            pipe = self.client.pipeline(transaction=False)
+            for task_id, partition in gone:
+                pipe.zrem(self.keys.recent(partition), task_id)
+            await pipe.execute()
 
 
-def describe(state: dict[str, str]) -> dict[str, Any]:
-    """`GET /tasks/<id>`: the latest event plus what is known of the task."""
+def describe(state: dict[str, str], keys: Keys | None = None) -> dict[str, Any]:
+    """`GET /tasks/<id>`: the latest event plus what is known of the task. Its
+    `cursor` resumes a stream of the task from there: in the form of `keys`' Redis
+    (a composite one of the task's partition on a cluster)."""
     body: dict[str, Any] = json.loads(state["latest"])
     body["name"] = body.get("name") or state.get("name")
     for key in ("created_at", "started_at", "finished_at"):
@@ -218,16 +288,57 @@ def describe(state: dict[str, str]) -> dict[str, Any]:
         body["worker_pid"] = int(state["pid"])
     if state.get("group"):
         body["group_id"] = state["group"]
-    body["cursor"] = f"{state['epoch']}-{state['seq']}" if state.get("epoch") else None
+    body["cursor"] = None
+    if state.get("epoch"):
+        at = Position(state["epoch"], int(state["seq"]))
+        body["cursor"] = task_cursor(keys, body["task_id"], at) if keys is not None else str(at)
     return body
+
+
+def task_cursor(keys: Keys, task_id: str, at: Position) -> str:
+    """The cursor that resumes a stream of `task_id` after its event `at`:
+    `<epoch>-<n>` on one Redis; on a cluster, a composite one of the task's
+    partition alone (cursors.py)."""
+    if keys.partitions == 1:
+        return str(at)
+    partition = keys.partition_of(task_id)
+    return composite({partition: at}, partition)
 
 
 def _seq(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
-def _frames(task_id: str, entries: list[tuple[str, dict[str, str]]], epoch: str) -> list[Frame]:
-    return [Frame(task_id, _seq(entry_id), f["s"], f["d"], epoch) for entry_id, f in entries]
+def _frames(task_id: str, entries: list[tuple[str, dict[str, str]]], epoch: str, partition: int) -> list[Frame]:
+    return [Frame(task_id, _seq(entry_id), f["s"], f["d"], epoch, partition) for entry_id, f in entries]
+
+
+def _numbers(cursor: Cursor | None, tasks_in: dict[int, list[str]]) -> dict[int, int]:
+    """After which number each partition's logs are read for `cursor`, before it is
+    known whether the cursor is a place in the current histories."""
+    if cursor == STARTS:  # `0`, parsed or not
+        return dict.fromkeys(tasks_in, 0)
+    if isinstance(cursor, Position):
+        return {0: cursor.n}
+    if isinstance(cursor, Sealed):
+        return dict(cursor.numbers)
+    return {}
+
+
+def _opened(cursor: Cursor | None, histories: dict[int, _History], tasks_in: dict[int, list[str]]) -> Places | None:
+    """The client's cursor as places in the stream's partitions, if it is one in the
+    current histories: none of its numbers is of a lost history or from the future."""
+    if cursor == STARTS:  # `0`, parsed or not
+        return {p: Position(histories[p].upto.epoch, 0) for p in tasks_in}
+    if isinstance(cursor, Position):
+        places: Places | None = {0: cursor}
+    elif isinstance(cursor, Sealed):
+        places = cursor.opened({p: history.upto.epoch for p, history in histories.items()})
+    else:
+        return None
+    if places is None or not all(histories[p].upto.covers(at) for p, at in places.items()):
+        return None
+    return {p: at for p, at in places.items() if p in tasks_in}
 
 
 class _History:

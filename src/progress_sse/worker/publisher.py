@@ -60,7 +60,9 @@ end
 if ARGV[9] ~= '' and not string.find(ARGV[9], '|' .. (prev or '-') .. '|', 1, true) then return 0 end
 local ttl = tonumber(ARGV[5])
 local epoch, since = history(KEYS[3], ARGV[10])
-local seq = redis.call('HINCRBY', KEYS[3], 'n', 1)
+-- As text with every digit: Lua turns a number of 15 digits or more into text
+-- like 2.1834010558e+14. (Its numbers are doubles: exact up to 2^53.)
+local seq = string.format('%d', redis.call('HINCRBY', KEYS[3], 'n', 1))
 -- The task's log holds numbers the current history gives out again (the sequence
 -- was lost and started over): it is of a history that is gone.
 if prev and cur[4] ~= epoch and tonumber(cur[3]) > since then
@@ -141,13 +143,14 @@ class Publisher:
         pairs: list[str | float | int] = []
         for key, value in fields.items():
             pairs += [key, value]
+        partition = self.keys.partition_of(task_id)  # its keys and the partition's share a slot
         stored = self._append(
             keys=[
                 self.keys.state(task_id),
                 self.keys.log(task_id),
-                self.keys.history,
-                self.keys.recent,
-                self.keys.queued,
+                self.keys.history(partition),
+                self.keys.recent(partition),
+                self.keys.queued(partition),
             ],
             args=[
                 self.keys.channel(task_id),
@@ -284,10 +287,11 @@ class Publisher:
 
     def discard(self, task_id: str) -> None:
         """Forget a task that was never really queued (its publish to the broker failed)."""
+        partition = self.keys.partition_of(task_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.state(task_id), self.keys.log(task_id))
-        pipe.zrem(self.keys.recent, task_id)
-        pipe.zrem(self.keys.queued, task_id)
+        pipe.zrem(self.keys.recent(partition), task_id)
+        pipe.zrem(self.keys.queued(partition), task_id)
         pipe.execute()
 
 
