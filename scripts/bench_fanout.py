@@ -29,11 +29,14 @@ What it reports:
 * server RSS with 0 clients (after a warm-up) and with W idle clients, and the
   difference per idle watcher;
 * the server's pub/sub connections in `CLIENT LIST TYPE pubsub` named
-  `progress-sse-hub.<prefix>` (must be exactly 1; exit status 1 if not), and that
-  every watcher and subscription is released once the streams have ended.
+  `progress-sse-hub.<prefix>` (must be exactly 1; on a cluster one per partition,
+  12 in all over its nodes; exit status 1 if not), and that every watcher and
+  subscription is released once the streams have ended.
 
 Redis: database 14 by default, a random key prefix; only keys under that prefix are
-deleted at the end. Run: .venv/bin/python scripts/bench_fanout.py [--help]
+deleted at the end (on a cluster: every key naming it, on every master). Run:
+.venv/bin/python scripts/bench_fanout.py [--help]
+Redis Cluster: .venv/bin/python scripts/bench_fanout.py --redis-url redis+cluster://HOST:PORT,HOST:PORT [--broker-url …]
 """
 
 from __future__ import annotations
@@ -57,21 +60,36 @@ from typing import Any
 
 import aiohttp
 import redis
+import redis.asyncio.cluster
 from aiohttp import web
 
 from progress_sse.config import Settings
-from progress_sse.connections import hub_client_name, sync_client
-from progress_sse.cursors import parse_id
+from progress_sse.connections import hub_client_name, keys_for, sync_client
+from progress_sse.cursors import BASE62, Sealed, parse, parse_id
 from progress_sse.events import State, make_event
+from progress_sse.redis_urls import is_cluster_url
 from progress_sse.web import HUB, REDIS, create_app
 from progress_sse.worker.publisher import Publisher
+
+# The broker when --redis-url is a cluster and --broker-url is not given.
+CLUSTER_BROKER_DEFAULT = "redis://127.0.0.1:6379/14"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="Redis to use")
+    parser.add_argument(
+        "--redis-url",
+        default="redis://127.0.0.1:6379/14",
+        help="Redis to use: redis://… or, for a Redis Cluster, redis+cluster://host:port,host:port",
+    )
+    parser.add_argument(
+        "--broker-url",
+        default=argparse.SUPPRESS,  # worked out below; "(default: None)" in --help would mislead
+        help=f"Celery broker of the app (the bench sends it nothing); default: the --redis-url, or, when that is "
+        f"a cluster (which cannot be a broker), {CLUSTER_BROKER_DEFAULT}",
+    )
     parser.add_argument("-W", "--clients", type=int, default=1000, help="concurrent SSE clients")
     parser.add_argument("-T", "--tasks", type=int, default=50, help="tasks the clients are spread over")
     parser.add_argument("-E", "--events", type=int, default=100, help="progress events published per task")
@@ -88,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.clients, args.tasks, args.events, args.client_procs) < 1 or args.rate < 0:
         parser.error("clients, tasks, events and client-procs must be >= 1, rate >= 0")
+    if getattr(args, "broker_url", None) is None:
+        args.broker_url = CLUSTER_BROKER_DEFAULT if is_cluster_url(args.redis_url) else args.redis_url
+    elif is_cluster_url(args.broker_url):
+        parser.error("--broker-url cannot be a Redis Cluster (kombu has no cluster transport)")
     return args
 
 
@@ -176,13 +198,32 @@ class ClientResult:
     last_receipt: float = 0.0
 
 
+def event_number(frame_id: str | None, partitions: int) -> tuple[int, int]:
+    """(partition, number) of a frame's event, from its id: one Redis, `<epoch>-<n>`
+    (partition 0); a cluster, the composite cursor's lead entry, the event's own
+    partition and number (cursors.composite). (-1, -1) for a frame without an id."""
+    if frame_id is None:
+        return (-1, -1)
+    if partitions == 1:
+        return (0, parse_id(frame_id).n)
+    if not isinstance(parse(frame_id, partitions=partitions), Sealed):
+        raise ValueError(f"not a composite event id: {frame_id[:40]!r}")
+    lead = frame_id.split(".", 2)[1]
+    n = 0
+    for char in lead[1:]:
+        n = n * 62 + BASE62.index(char)
+    return (BASE62.index(lead[0]), n)
+
+
 async def _one_client(
     session: aiohttp.ClientSession,
     url: str,
     gate: asyncio.Semaphore,
     ready: Callable[[bool], None],
     result: ClientResult,
+    partitions: int,
 ) -> None:
+    """One SSE client of one task: per task, ids come in order, all of its partition."""
     released = False
     await gate.acquire()
     try:
@@ -190,7 +231,7 @@ async def _one_client(
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}"
                 return
-            last_id = -1
+            last_id = (-1, -1)
             event: str | None = None
             frame_id: str | None = None
             data: str | None = None
@@ -212,8 +253,8 @@ async def _one_client(
                 if data is None:
                     continue  # end of a comment-only frame
                 now = result.last_receipt = time.time()
-                seq = parse_id(frame_id).n if frame_id is not None else -1
-                if seq <= last_id:
+                seq = event_number(frame_id, partitions)
+                if seq[1] <= last_id[1] or (last_id[0] >= 0 and seq[0] != last_id[0]):
                     result.in_order = False
                 last_id = seq
                 if not result.snapshot:
@@ -262,7 +303,14 @@ async def _clients_main(
         cpu0 = cpu_seconds()
         runs = [
             asyncio.create_task(
-                _one_client(session, f"{base}/tasks/{task_ids[(offset + i) % len(task_ids)]}/events", gate, ready, r)
+                _one_client(
+                    session,
+                    f"{base}/tasks/{task_ids[(offset + i) % len(task_ids)]}/events",
+                    gate,
+                    ready,
+                    r,
+                    cfg["partitions"],
+                )
             )
             for i, r in enumerate(results)
         ]
@@ -388,6 +436,20 @@ def warm_up(base: str, task_id: str, times: int) -> None:
                 raise RuntimeError(f"warm-up stream did not end with success: {body[-200:]!r}")
 
 
+async def hub_pubsub(client: Any, prefix: str) -> tuple[int, int]:
+    """The hub's pub/sub connections in CLIENT LIST (named hub_client_name), and the
+    nodes they are on: one Redis, its own; a cluster, every node asked in turn."""
+    name = hub_client_name(prefix)
+    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return len([c for c in await client.client_list(_type="pubsub") if c.get("name") == name]), 1
+    await client.initialize()  # it learns the nodes on its first command, which may not have come yet
+    per_node = []
+    for node in client.get_nodes():
+        listed = await client.client_list(_type="pubsub", target_nodes=node)
+        per_node.append(len([c for c in listed if c.get("name") == name]))
+    return sum(per_node), sum(1 for n in per_node if n)
+
+
 @dataclass
 class Checks:
     failures: list[str] = field(default_factory=list)
@@ -400,6 +462,9 @@ class Checks:
 async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> None:
     ctx = mp.get_context("spawn")
     prefix = settings.key_prefix
+    cluster = is_cluster_url(settings.redis_url)
+    # The hub's pub/sub connections: one Redis, 1; a cluster, one per partition.
+    expected = keys_for(settings).partitions
     task_ids = queue_tasks(settings.redis_url, prefix, args.tasks)
     warm_task = queue_tasks(settings.redis_url, prefix, 1)[0]
     warm = Publisher.from_settings(settings)
@@ -416,7 +481,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         port = runner.addresses[0][1]
         base = f"http://127.0.0.1:{port}"
         hub = app[HUB]
-        if not await wait_for(lambda: hub.connections >= 1, args.timeout):
+        if not await wait_for(lambda: hub.connections >= expected, args.timeout):
             raise TimeoutError("the hub did not connect to Redis")
 
         await asyncio.to_thread(warm_up, base, warm_task, 50)
@@ -429,6 +494,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
             "timeout": args.timeout,
             "connect_concurrency": max(1, args.connect_concurrency // args.client_procs),
             "deliver_timeout": args.timeout + (args.events / args.rate if args.rate else 0),
+            "partitions": expected,
         }
         client_conns: list[Connection] = []
         share, extra = divmod(args.clients, args.client_procs)
@@ -462,11 +528,13 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         await asyncio.sleep(args.idle)
         gc.collect()
         rss_w = rss_kib()
-        pubsub = [c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == hub_client_name(prefix)]
+        pubsub, pubsub_nodes = await hub_pubsub(app[REDIS], prefix)
         checks.check(ready == args.clients, f"only {ready} of {args.clients} clients got their first frame")
         checks.check(watchers == args.clients, f"the hub has {watchers} watchers, not {args.clients}")
-        checks.check(len(pubsub) == 1, f"{len(pubsub)} pub/sub connections named progress-sse-hub.{prefix}, not 1")
-        checks.check(hub.connections == 1, f"the hub connected {hub.connections} times")
+        checks.check(
+            pubsub == expected, f"{pubsub} pub/sub connections named progress-sse-hub.{prefix}, not {expected}"
+        )
+        checks.check(hub.connections == expected, f"the hub connected {hub.connections} times")
 
         await recv(pub_conn, 30, "the publisher to start")
         lag = LoopLag()
@@ -478,9 +546,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         server_lag = await lag.stop()
         published = await recv(pub_conn, 30, "the publisher's report")
         released = await wait_for(lambda: hub.watcher_count == 0 and not hub.subscribed_tasks, 10)
-        pubsub_after = [
-            c for c in await app[REDIS].client_list(_type="pubsub") if c.get("name") == hub_client_name(prefix)
-        ]
+        pubsub_after, _ = await hub_pubsub(app[REDIS], prefix)
     finally:
         await runner.cleanup()
         for proc in procs:
@@ -510,7 +576,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
     checks.check(
         released, f"{hub.watcher_count} watchers / {len(hub.subscribed_tasks)} subscriptions left after the end"
     )
-    checks.check(len(pubsub_after) == 1, f"{len(pubsub_after)} hub pub/sub connections after the run, not 1")
+    checks.check(pubsub_after == expected, f"{pubsub_after} hub pub/sub connections after the run, not {expected}")
 
     latencies = sorted(x for r in results for x in r["latencies"])
     frames = sum(progress_counts) + terminals
@@ -522,6 +588,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
     print(
         f"Set-up: server (real app, AppRunner handler_cancellation=True) in this process; {args.clients} clients in "
         f"{args.client_procs} other process(es); publisher in another; Redis {settings.redis_url}, prefix {prefix!r}"
+        + (f"; Redis Cluster, {expected} partitions, broker {settings.broker_url}" if cluster else "")
     )
     print(
         f"  {args.clients} clients over {args.tasks} tasks ({subscribed} channels subscribed): "
@@ -532,8 +599,9 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         f" -> {per_watcher:.1f} KiB per idle watcher (client process(es): {client_rss / 1024:.1f} MiB)"
     )
     print(
-        f"Pub/sub connections named progress-sse-hub.{prefix}: {len(pubsub)} with {watchers} watchers, "
-        f"{len(pubsub_after)} after the run; hub connects: {hub.connections}"
+        f"Pub/sub connections named progress-sse-hub.{prefix}: {pubsub} with {watchers} watchers, "
+        f"{pubsub_after} after the run; hub connects: {hub.connections}"
+        + (f" (one per partition: {expected} expected, on {pubsub_nodes} node(s))" if cluster else "")
     )
     print(
         f"Load: {args.events} progress events x {args.tasks} tasks = {published['published']} publishes ({rate}), "
@@ -569,6 +637,9 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
 
 def cleanup(url: str, prefix: str) -> None:
     """Delete the keys this run made (its prefix only; never FLUSHDB)."""
+    if is_cluster_url(url):
+        cleanup_cluster(url, prefix)
+        return
     client = redis.Redis.from_url(url)
     try:
         doomed = list(client.scan_iter(match=f"{prefix}:*", count=1000))
@@ -578,12 +649,24 @@ def cleanup(url: str, prefix: str) -> None:
         client.close()
 
 
+def cleanup_cluster(url: str, prefix: str) -> None:
+    """On a cluster names start with a hash tag (`{<prefix>.<p>}`, `{<prefix>}`), so
+    every key naming the prefix, on every master (RedisCluster.scan_iter scans them
+    all), deleted one at a time: they are in many slots."""
+    client = sync_client(url, name="progress-sse-bench")
+    try:
+        for key in list(client.scan_iter(match=f"*{prefix}*", count=1000)):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit(args.clients + 256)
     prefix = f"bench-{uuid.uuid4().hex[:10]}"
     settings = Settings(
-        redis_url=args.redis_url, broker_url=args.redis_url, key_prefix=prefix, queue=prefix, host="127.0.0.1"
+        redis_url=args.redis_url, broker_url=args.broker_url, key_prefix=prefix, queue=prefix, host="127.0.0.1"
     )
     sync_client(args.redis_url).ping()  # fail early and clearly if Redis is not there
     checks = Checks()
