@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from redis.crc import key_slot
 from progress_sse.config import ConfigError, Settings
 from progress_sse.connections import keys_for, partition_clients, sync_client, web_client
 from progress_sse.events import HISTORY_LOST, State, make_event
-from progress_sse.keys import CLUSTER_PARTITIONS, Keys
+from progress_sse.keys import CLUSTER_PARTITIONS, Keys, partition_tags
 from progress_sse.redis_urls import ClusterURL, parse_cluster
 from progress_sse.web.reaper import reap_once
 from progress_sse.worker.celery_app import make_celery
@@ -70,7 +71,7 @@ def test_a_task_s_keys_share_its_partition_s_slot_and_the_partitions_have_slots_
         p = keys.partition_of(task)
         names = [keys.state(task), keys.log(task), keys.channel(task), keys.history(p), keys.recent(p)]
         names += [keys.queued(p), keys.control_channel(p)]
-        assert {key_slot(name.encode()) for name in names} == {key_slot(f"P.{p}".encode())}, "the write script's"
+        assert {key_slot(name.encode()) for name in names} == {key_slot(partition_tags("P")[p].encode())}
         assert keys.task_of_channel(keys.channel(task)) == task
     assert {keys.partition_of(task) for task in tasks} == set(range(CLUSTER_PARTITIONS))
     assert len({key_slot(keys.history(p).encode()) for p in range(CLUSTER_PARTITIONS)}) == CLUSTER_PARTITIONS
@@ -79,13 +80,14 @@ def test_a_task_s_keys_share_its_partition_s_slot_and_the_partitions_have_slots_
     assert {key_slot(name.encode()) for name in rest} == {key_slot(b"P")}
 
 
-def test_the_partitions_spread_over_every_master_of_the_run_s_cluster(
+def test_the_partitions_spread_evenly_over_the_masters_of_the_run_s_cluster(
     local_cluster: LocalCluster, settings: Settings
 ) -> None:
     keys = keys_for(settings.with_(redis_url=local_cluster.url))
-    owners = {local_cluster.owner(key_slot(keys.history(p).encode())) for p in range(keys.partitions)}
+    owners = Counter(local_cluster.owner(key_slot(keys.history(p).encode())) for p in range(keys.partitions))
     masters = {port for port in local_cluster.ports if local_cluster.is_master(port)}
-    assert owners == masters and len(masters) == 3
+    assert set(owners) == masters and len(masters) == 3
+    assert sorted(owners.values()) == [4, 4, 4], "each master serves as many partitions"
 
 
 @pytest.fixture

@@ -297,3 +297,13 @@ def test_unknown_task_frame_has_no_id_line_so_the_cursor_stays() -> None:
     frame = unknown_task_frame("abc-123")
     assert frame == b'event: unknown\ndata: {"task_id":"abc-123"}\n\n'
     assert not frame.startswith(b"id:") and b"\nid:" not in frame
+
+
+def test_a_frame_with_a_stream_s_cursor_is_the_same_frame_under_that_id() -> None:
+    frame = Frame("t", 7, "failure", dumps({"task_id": "t", "error": {"type": "E", "traceback": "x"}}), "e", 3)
+    copy = frame.with_cursor("aaaaaaaa.37.01")
+    assert copy.id == "aaaaaaaa.37.01" and copy.body is frame.body, "the body is shared, not encoded again"
+    assert copy.encoded == encode_sse(id="aaaaaaaa.37.01", event="failure", data=frame.data)
+    hidden = copy.encoded_for_watcher(messages=True)
+    assert hidden.startswith(b"id: aaaaaaaa.37.01\n") and b"traceback" not in hidden
+    assert frame.encoded_for_watcher(messages=True).startswith(b"id: e-7\n")

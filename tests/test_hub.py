@@ -526,31 +526,29 @@ async def test_frames_published_after_a_reconnect_wait_behind_the_resync() -> No
     """While the subscription is restored a watcher holds live frames, then gets
     RESYNC (read the log) before them: a frame may not overtake what was missed."""
     watcher = Watcher(["t"], limit=10_000)
-    hub = object()  # the hub whose subscription dropped
-    watcher.hold(hub)
+    watcher.hold()
     late = Frame("t", 91, "progress", "{}", "e")
     watcher.deliver(late)
     assert await watcher.next(0) is None, "held, not delivered"
-    watcher.resume(hub)
+    watcher.resume()
     assert await watcher.next(0) is Signal.RESYNC
     assert await watcher.next(0) == late
-    watcher.resume(hub)  # not held any more: nothing happens
+    watcher.resume()  # not held any more: nothing happens
     assert await watcher.next(0) is None
 
 
-async def test_a_watcher_held_by_two_hubs_keeps_its_frames_until_both_resume() -> None:
-    """A stream of tasks in two partitions (a cluster) is held by both hubs when
-    both drop: each resume reads the log, the held frames wait for the last one."""
+async def test_a_partition_s_reconnect_holds_its_own_frames_only() -> None:
+    """A stream of tasks in two partitions (a cluster): while partition 1's
+    subscription is restored its frames wait behind a resync; partition 0's go on."""
     watcher = Watcher(["t", "u"], limit=10_000)
-    first, second = object(), object()
-    watcher.hold(first)
-    watcher.hold(second)
+    watcher.hold(1)
     late = Frame("t", 7, "progress", "{}", "e", partition=1)
+    other = Frame("u", 9, "progress", "{}", "f", partition=0)
     watcher.deliver(late)
-    watcher.resume(first)
-    assert await watcher.next(0) is Signal.RESYNC
-    assert await watcher.next(0) is None, "the second hub still holds it"
-    watcher.resume(second)
+    watcher.deliver(other)
+    assert await watcher.next(0) == other, "not held: its partition's subscription is up"
+    assert await watcher.next(0) is None
+    watcher.resume(1)
     assert await watcher.next(0) is Signal.RESYNC
     assert await watcher.next(0) == late
 

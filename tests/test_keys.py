@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 
 import pytest
-from redis.crc import key_slot
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from progress_sse.keys import Keys, is_task_id
+from progress_sse.keys import CLUSTER_PARTITIONS, Keys, is_task_id, partition_tags
 
 TASK_IDS = [
     str(uuid.uuid4()),
@@ -114,3 +115,12 @@ def test_is_task_id_accepts_uuids_and_celery_style_custom_ids(task_id: str) -> N
 )
 def test_is_task_id_rejects_empty_braces_whitespace_overlong_and_leading_punctuation(value: str) -> None:
     assert not is_task_id(value)
+
+
+@pytest.mark.parametrize("prefix", ["progress-sse", "myapp", "pst-0123abcd"])
+def test_the_partitions_fall_evenly_on_masters_that_hold_equal_runs_of_slots(prefix: str) -> None:
+    slots = [key_slot(tag.encode()) for tag in partition_tags(prefix)]
+    for masters in (2, 3, 4, 6, 12):
+        run = REDIS_CLUSTER_HASH_SLOTS / masters  # what `redis-cli --cluster create` gives each
+        served = Counter(int(slot // run) for slot in slots)
+        assert sorted(served.values()) == [CLUSTER_PARTITIONS // masters] * masters, (masters, slots)

@@ -30,13 +30,17 @@ from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import Script
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from .cluster import BlockingSlotConnectionPool, SlotConnectionPool
 from .config import Settings
 from .keys import Keys
 from .redis_urls import SentinelURL, is_cluster_url, is_sentinel_url, parse_cluster, parse_sentinel
+
+# What a Redis that does not answer raises: RedisError, and, from redis-py's cluster
+# clients, RedisClusterException (no node named could be reached), which is not one.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
 def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:

@@ -113,7 +113,10 @@ def parse(raw: str | None, *, partitions: int = 1) -> Cursor | None:
 # cross-origin EventSource reconnect may send without a preflight.
 BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _DIGIT = {char: value for value, char in enumerate(BASE62)}
-_COMPOSITE = re.compile(r"([a-z2-7]{8})((?:\.[0-9A-Za-z]{2,12})+)")
+_COMPOSITE = re.compile(r"([a-z2-7]{8})((?:\.[0-9A-Za-z]{2,10})+)")
+# The most a sequence reaches: the write script's numbers are Lua's doubles, exact
+# up to 2^53 (worker/publisher.py), and a larger one could not even be read back.
+MAX_N = 2**53
 
 
 def base62(n: int) -> str:
@@ -155,7 +158,7 @@ def _parse_composite(raw: str, partitions: int) -> Sealed | None:
         partition, n = _DIGIT[entry[0]], 0
         for char in entry[1:]:
             n = n * 62 + _DIGIT[char]
-        if partition >= partitions or partition in numbers or (len(entry) > 2 and entry[1] == "0"):
+        if partition >= partitions or partition in numbers or (len(entry) > 2 and entry[1] == "0") or n > MAX_N:
             return None  # not one the server hands out
         numbers[partition] = n
     return Sealed(found[1], tuple(sorted(numbers.items())))

@@ -158,7 +158,7 @@ class Frame:
     keys.py) and `epoch` names the history that sequence belongs to, so on one Redis
     `<epoch>-<seq>` is the SSE cursor (src/progress_sse/cursors.py). On a cluster a
     stream's cursor names its place in every partition it follows: the stream gives
-    each frame it sends that `cursor` (web/delivery.py `Stamp`). A frame without an
+    each frame it sends that `cursor` (`with_cursor`, web/delivery.py `stamp`). A frame without an
     epoch (a task's state kept from a lost history) has no `id:` line: it moves no
     cursor.
     """
@@ -171,11 +171,29 @@ class Frame:
     partition: int = 0
     cursor: str | None = None
     encoded: bytes = field(init=False, repr=False, compare=False)
-    # for_watcher's encodings, by `messages`: made once, shared by every watcher.
-    _watcher_encoded: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
+    # The frame without its `id:` line: encoded once, shared by its copies of other cursors.
+    body: bytes = field(init=False, repr=False, compare=False)
+    # for_watcher's bodies, by `messages`: made once, shared by every watcher and copy.
+    _watcher_bodies: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encoded", encode_sse(id=self.id, event=self.state, data=self.data))
+        object.__setattr__(self, "body", encode_sse(event=self.state, data=self.data))
+        object.__setattr__(self, "encoded", self._id_line() + self.body)
+
+    def _id_line(self) -> bytes:
+        """What encode_sse puts first: the `id:` line, if the frame has an id."""
+        id = self.id
+        return b"" if id is None else f"id: {_one_line(id)}\n".encode()
+
+    def with_cursor(self, cursor: str) -> Frame:
+        """The frame as one stream sends it, with that stream's `cursor` as its id
+        (on a cluster: web/delivery.py `stamp`). Its body is not encoded again."""
+        copy: Frame = object.__new__(Frame)
+        for name in ("task_id", "seq", "state", "data", "epoch", "partition", "body", "_watcher_bodies"):
+            object.__setattr__(copy, name, getattr(self, name))
+        object.__setattr__(copy, "cursor", cursor)
+        object.__setattr__(copy, "encoded", copy._id_line() + self.body)
+        return copy
 
     @property
     def id(self) -> str | None:
@@ -192,17 +210,16 @@ class Frame:
         and then shared by every watcher. A frame whose JSON names none of the fields
         for_watcher changes is its one encoding (the test is on the text: a false
         alarm only costs a parse)."""
-        cached = self._watcher_encoded.get(messages)
-        if cached is None:
+        body = self._watcher_bodies.get(messages)
+        if body is None:
             if not any(name in self.data for name in _WATCHER_HIDES):
-                cached = self.encoded
+                body = self.body
             else:
                 payload = self.payload()
                 seen = for_watcher(payload, messages=messages)
-                data = self.data if seen is payload else dumps(seen)
-                cached = encode_sse(id=self.id, event=self.state, data=data)
-            self._watcher_encoded[messages] = cached
-        return cached
+                body = self.body if seen is payload else encode_sse(event=self.state, data=dumps(seen))
+            self._watcher_bodies[messages] = body
+        return self.encoded if body is self.body else self._id_line() + body
 
     @property
     def terminal(self) -> bool:

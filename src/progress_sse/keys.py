@@ -5,16 +5,19 @@ orders their events (and so lets one SSE cursor cover many tasks) and the task
 indexes. The write script touches them with the task's own keys, so they must
 share a slot with them. One Redis is one partition, and names start with `P:`. On
 a Redis Cluster tasks are spread over PARTITIONS by their id, and the names of
-partition `p` start with the hash tag `{P.p}`: each partition is one slot, and
-the slots spread over the shards. What belongs to no task (workers, the running
+partition `p` start with its hash tag `{P.p.k}` (`partition_tags`): each
+partition is one slot, and the slots spread over the shards. What belongs to no task (workers, the running
 index, groups) starts with `{P}` there (docs/protocol.md, "Redis layout").
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from dataclasses import dataclass, field
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 # Celery ids are UUIDs, but apps may choose their own; this admits those while
 # keeping out braces (hash tags), whitespace and anything unreasonably long.
@@ -33,11 +36,29 @@ def is_task_id(value: str) -> bool:
 CLUSTER_PARTITIONS = 12
 
 
+@functools.lru_cache(maxsize=64)
+def partition_tags(prefix: str) -> tuple[str, ...]:
+    """The hash tags of the partitions: `P.<p>.<k>`, with `k` the first number that
+    puts the tag's slot in the middle half of the p-th twelfth of the slots. A
+    cluster made by `redis-cli --cluster create` gives its masters equal runs of
+    slots, so with 2, 3, 4, 6 or 12 masters each serves as many partitions as
+    the others (a tag hashed at random could put most of them on one master)."""
+    band = REDIS_CLUSTER_HASH_SLOTS / CLUSTER_PARTITIONS
+    tags = []
+    for p in range(CLUSTER_PARTITIONS):
+        low, high = (p + 0.25) * band, (p + 0.75) * band
+        k = 0
+        while not low <= key_slot(f"{prefix}.{p}.{k}".encode()) < high:
+            k += 1
+        tags.append(f"{prefix}.{p}.{k}")
+    return tuple(tags)
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "progress-sse"
-    # On a Redis Cluster names start with a hash tag: `{P.p}` for partition p's,
-    # `{P}` for the rest (see the module's docstring).
+    # On a Redis Cluster names start with a hash tag: partition p's with
+    # `{partition_tags(P)[p]}`, the rest with `{P}` (see the module's docstring).
     cluster: bool = False
     root: str = field(init=False, repr=False, compare=False)
     partitions: int = field(init=False, repr=False, compare=False)
@@ -45,7 +66,7 @@ class Keys:
 
     def __post_init__(self) -> None:
         if self.cluster:
-            roots = tuple(f"{{{self.prefix}.{p}}}" for p in range(CLUSTER_PARTITIONS))
+            roots = tuple(f"{{{tag}}}" for tag in partition_tags(self.prefix))
             object.__setattr__(self, "root", f"{{{self.prefix}}}")
         else:
             roots = (self.prefix,)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import random
@@ -39,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from .. import cursors
 from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
 from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
-from .errors import error
-from .hub import Hub, Hubs, HubUnavailable, Signal, Watcher
+from .errors import UNAVAILABLE, error
+from .hub import Hub, Hubs, Signal, Watcher
 from .incidents import Incidents
 from .store import Start, Store
 
@@ -82,14 +80,18 @@ def stamp(frames: list[Frame], places: Places, *, composite: bool) -> list[Frame
     `places` (the stream's place before them, in each partition) moves past each.
     On one Redis a frame's id is its own `<epoch>-<n>`, the same on every stream,
     so the frame is sent as it is. On a cluster it is the stream's place in every
-    partition after it (cursors.composite), and the frame is copied with that id."""
+    partition after it (cursors.composite), and the frame is copied with that id.
+    A place never goes back: a task added to a stream may come with a state
+    numbered before what the stream has had."""
     if not composite:
         return frames
     stamped = []
     for frame in frames:
         if frame.epoch is not None:
-            places[frame.partition] = Position(frame.epoch, frame.seq)
-            frame = dataclasses.replace(frame, cursor=cursors.composite(places, frame.partition))
+            at = places.get(frame.partition)
+            if at is None or at.epoch != frame.epoch or at.n < frame.seq:
+                places[frame.partition] = Position(frame.epoch, frame.seq)
+            frame = frame.with_cursor(cursors.composite(places, frame.partition))
         stamped.append(frame)
     return stamped
 
@@ -190,9 +192,11 @@ class Live:
                 if item is Signal.CLOSE:
                     break
                 if isinstance(item, Frame):
+                    if item.task_id not in tasks():
+                        continue  # a task the stream has stopped waiting for
                     mine = at.get(item.partition)
                     if mine is not None and item.epoch == mine.epoch:
-                        if item.seq > mine.n and item.task_id in tasks():
+                        if item.seq > mine.n:
                             batch.append(item)
                             at[item.partition] = Position(item.epoch, item.seq)
                         continue
@@ -365,7 +369,7 @@ class EventStream:
                 await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses it all
             else:
                 raise TypeError("a stream of looked-up tasks is a group's: name it")
-        except (RedisError, ConnectionError) as exc:  # a group's token looks its members' groups up
+        except UNAVAILABLE as exc:  # a group's token looks its members' groups up
             log.warning("progress-sse could not open a stream of %s: %s", request.path, exc)
             raise try_later("Redis is not answering") from None
         if request.method == "HEAD":  # what a GET would start with, and nothing held open
@@ -386,7 +390,7 @@ class EventStream:
         except ClientStalled as exc:
             self.stalled += 1
             log.info("progress-sse disconnected a client of %s: %s", request.path, exc)
-        except (RedisError, HubUnavailable, ConnectionError) as exc:
+        except UNAVAILABLE as exc:
             if stream is not None and stream.response is not None and stream.response.prepared:
                 # Mid-stream: no answer can follow the one begun. End the connection;
                 # the client resumes from its cursor.

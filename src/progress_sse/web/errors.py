@@ -6,10 +6,13 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
+from ..connections import REDIS_ERRORS
 from ..events import dumps
 from .hub import HubUnavailable
+
+# What says Redis is not answering now (a 503, or a stream told to retry later).
+UNAVAILABLE: tuple[type[Exception], ...] = (*REDIS_ERRORS, HubUnavailable, ConnectionError)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                 allowed_methods=exc.allowed_methods,
             ) from None
         raise error(type(exc), exc.reason or exc.text or "request refused") from None
-    except (RedisError, HubUnavailable, ConnectionError):
+    except UNAVAILABLE:
         log.warning("Redis unavailable while serving %s %s", request.method, request.path, exc_info=True)
         raise error(web.HTTPServiceUnavailable, REDIS_DOWN, headers={"Retry-After": "2"}) from None

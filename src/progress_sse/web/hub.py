@@ -68,38 +68,35 @@ class Watcher:
         self._items: deque[Item] = deque()
         self._bytes = 0
         self._wakeup: asyncio.Future[None] | None = None
-        self._held: list[Frame] | None = None  # a list while a subscription is being restored
+        # Partition -> its live frames kept aside while its subscription is restored.
+        self._held: dict[int, list[Frame]] = {}
         self._held_bytes = 0
-        self._holders: set[object] = set()  # the hubs whose subscription is being restored
 
-    def hold(self, by: object) -> None:
-        """`by`'s subscription dropped: keep live frames aside until `by` resumes.
-        Otherwise a frame published after the reconnect could move the stream past
-        the events published while it was down, before it has read them from the log.
-        (A stream of tasks in several partitions has a hub, so a holder, for each.)"""
-        self._holders.add(by)
-        if self._held is None:
-            self._held, self._held_bytes = [], 0
+    def hold(self, partition: int = 0) -> None:
+        """The subscription of `partition` dropped: keep its live frames aside until
+        it resumes. Otherwise a frame published after the reconnect could move the
+        stream past the events published while it was down, before it has read
+        them from the log. (Positions are per partition: another partition's
+        frames need not wait.)"""
+        self._held.setdefault(partition, [])
 
-    def resume(self, by: object) -> None:
-        """`by` subscribed again: read the log first (RESYNC), then, once no hub holds
-        the stream any more, the frames held meanwhile."""
-        if by not in self._holders:
+    def resume(self, partition: int = 0) -> None:
+        """Subscribed again: read the log first (RESYNC), then the frames held meanwhile."""
+        held = self._held.pop(partition, None)
+        if held is None:
             return
-        self._holders.discard(by)
+        self._held_bytes -= sum(len(frame.encoded) for frame in held)
         self.deliver(Signal.RESYNC)
-        if self._holders:
-            return
-        held, self._held = self._held, None
-        for frame in held or ():
+        for frame in held:
             self.deliver(frame)
 
     def deliver(self, item: Item) -> None:
-        if self._held is not None and isinstance(item, Frame):
+        if self._held and isinstance(item, Frame) and item.partition in self._held:
             if self._held_bytes >= self._limit:
-                self._held.clear()  # the RESYNC that `resume` queues reads them from the log
+                for frames in self._held.values():
+                    frames.clear()  # the RESYNC each `resume` queues reads them from the log
                 self._held_bytes = 0
-            self._held.append(item)
+            self._held[item.partition].append(item)
             self._held_bytes += len(item.encoded)
             return
         self._items.append(item)
@@ -352,7 +349,7 @@ class Hub:
             if self._resync is not None:
                 self._resync.cancel()  # it belonged to the connection that just dropped
             for watcher in self._watchers:
-                watcher.hold(self)
+                watcher.hold(self.partition)
             # New watchers must wait for the next connection's confirmation.
             for channel in self._channels.values():
                 if channel.ready.done():
@@ -484,7 +481,7 @@ class Hub:
         if waiting:
             await asyncio.wait(waiting, timeout=self._subscribe_timeout)
         for watcher in list(self._watchers):
-            watcher.resume(self)
+            watcher.resume(self.partition)
 
 
 def _cancelling() -> bool:

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 WORKER_GONE = "The worker running it stopped answering"
 MESSAGE_GONE = "The broker no longer holds its message: no worker will run it"
-# Stale queued tasks looked at per check, oldest first.
+# Stale queued tasks looked at per check, oldest first (on a cluster, split over
+# the partitions' indexes).
 QUEUED_PER_CHECK = 100
 # Seconds between two checks of the broker (each reads its queues).
 QUEUED_CHECK_EVERY = 30.0
@@ -132,13 +133,14 @@ async def reap_queued_once(
     mark lost those whose message was missing this time and the time before; returns
     their ids."""
     now = time.time() if now is None else now
+    per_partition = -(-QUEUED_PER_CHECK // keys.partitions)  # the check's share of each, rounded up
     pipe = client.pipeline(transaction=False)
     for partition in range(keys.partitions):
         offset = rule.offsets.get(partition, 0)
-        pipe.zrangebyscore(keys.queued(partition), "-inf", now - rule.timeout, start=offset, num=QUEUED_PER_CHECK)
+        pipe.zrangebyscore(keys.queued(partition), "-inf", now - rule.timeout, start=offset, num=per_partition)
     pages = cast(list[list[str]], await pipe.execute())
     for partition, page in enumerate(pages):
-        rule.offsets[partition] = rule.offsets.get(partition, 0) + len(page) if len(page) == QUEUED_PER_CHECK else 0
+        rule.offsets[partition] = rule.offsets.get(partition, 0) + len(page) if len(page) == per_partition else 0
     stale = [task_id for page in pages for task_id in page]
     if not stale:
         return []

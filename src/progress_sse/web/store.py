@@ -177,7 +177,10 @@ class Store:
                     # this history), unless the task is new to the stream; a group's
                     # aggregate always needs it.
                     covered = after is not None and after >= history.since
-                    kept = Frame(task_id, history.since, state, latest, upto.epoch, partition)
+                    # A task new to a resumed stream: as of `upto`, so the stream's
+                    # cursor does not go back (see `fresh` below).
+                    added = resumed and replay and (task_id in fresh or after is None)
+                    kept = Frame(task_id, upto.n if added else history.since, state, latest, upto.epoch, partition)
                     frames = [] if covered and task_id not in fresh else [kept]
                 elif not resumed or not replay:
                     frames = [Frame(task_id, int(seq), state, latest, epoch, partition)]
