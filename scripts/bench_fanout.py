@@ -69,6 +69,7 @@ from progress_sse.cursors import BASE62, Sealed, parse, parse_id
 from progress_sse.events import State, make_event
 from progress_sse.redis_urls import is_cluster_url
 from progress_sse.web import HUB, REDIS, create_app
+from progress_sse.web.server import freeze_startup, new_loop
 from progress_sse.worker.publisher import Publisher
 
 # The broker when --redis-url is a cluster and --broker-url is not given.
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-concurrency", type=int, default=100, help="clients connecting at the same time")
     parser.add_argument("--idle", type=float, default=1.0, help="seconds to let W idle clients settle before RSS")
     parser.add_argument("--timeout", type=float, default=60.0, help="limit for each phase, in seconds")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the server's event loop, as PROGRESS_SSE_LOOP (default: auto, uvloop when installed)",
+    )
     args = parser.parse_args(argv)
     if min(args.clients, args.tasks, args.events, args.client_procs) < 1 or args.rate < 0:
         parser.error("clients, tasks, events and client-procs must be >= 1, rate >= 0")
@@ -146,7 +153,9 @@ async def recv(conn: Connection, seconds: float, what: str) -> Any:
     """The next message from a child process within `seconds`, without blocking the event loop."""
     if not await asyncio.to_thread(conn.poll, seconds):
         raise TimeoutError(f"timed out after {seconds:.0f}s waiting for {what}")
-    return conn.recv()
+    # In a thread too: a client process's results are megabytes, and reading them
+    # from the pipe as it sends them would stall the loop being measured.
+    return await asyncio.to_thread(conn.recv)
 
 
 class LoopLag:
@@ -172,6 +181,31 @@ class LoopLag:
             due = loop.time() + self.period
             await asyncio.sleep(self.period)
             self.samples.append(loop.time() - due)
+
+
+class GcPauses:
+    """How long each garbage collection of the server stopped it (gc.callbacks),
+    by generation: a full collection walks every object of every stream. Both
+    wall time and the process's CPU time: on a machine shared with the clients, a
+    collection can be descheduled, which is the machine's doing, not its own."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.cpu: list[float] = []
+        self._started = (0.0, 0.0)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = (time.perf_counter(), time.thread_time())
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started[0])
+            self.cpu.append(time.thread_time() - self._started[1])
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
 
 
 async def wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
@@ -323,6 +357,8 @@ async def _clients_main(
         cpu1 = cpu_seconds()
         lag = LoopLag()
         lag.start()
+        collections = GcPauses()
+        collections.start()
         _done, not_done = await asyncio.wait(runs, timeout=cfg["deliver_timeout"])
         for run in not_done:
             run.cancel()
@@ -478,6 +514,7 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
         await site.start()
+        freeze_startup()  # as progress-sse web does (web/server.py)
         port = runner.addresses[0][1]
         base = f"http://127.0.0.1:{port}"
         hub = app[HUB]
@@ -539,10 +576,13 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         await recv(pub_conn, 30, "the publisher to start")
         lag = LoopLag()
         lag.start()
+        collections = GcPauses()
+        collections.start()
         cpu0 = cpu_seconds()
         pub_conn.send("go")
         results = [await recv(c, cfg["deliver_timeout"] + 30, "the clients' results") for c in client_conns]
         cpu_server = cpu_seconds() - cpu0
+        collections.stop()
         server_lag = await lag.stop()
         published = await recv(pub_conn, 30, "the publisher's report")
         released = await wait_for(lambda: hub.watcher_count == 0 and not hub.subscribed_tasks, 10)
@@ -628,6 +668,13 @@ async def run(args: argparse.Namespace, settings: Settings, checks: Checks) -> N
         f"{server_lag[-1] * 1000:.1f} ms, clients {max(r['lag_p99'] for r in results) * 1000:.1f}/"
         f"{max(r['lag_max'] for r in results) * 1000:.1f} ms"
     )
+    gen2 = collections.pauses[2]
+    print(
+        f"  garbage collections while delivering: {sum(len(p) for p in collections.pauses.values())}, "
+        f"longest {max((x for p in collections.pauses.values() for x in p), default=0) * 1000:.1f} ms; "
+        f"full ones {len(gen2)}, longest {max(gen2, default=0) * 1000:.1f} ms; "
+        f"most CPU in one {max(collections.cpu, default=0) * 1000:.1f} ms"
+    )
     print(
         f"  every client: snapshot {snapshots}/{args.clients}, all {args.events} progress {args.clients - short}/"
         f"{args.clients}, terminal {terminals}/{args.clients}, ids increasing {args.clients - out_of_order}/"
@@ -670,8 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sync_client(args.redis_url).ping()  # fail early and clearly if Redis is not there
     checks = Checks()
+    loop = new_loop(args.loop)
+    print(f"Server event loop: {type(loop).__module__}.{type(loop).__name__}")
     try:
-        asyncio.run(run(args, settings, checks))
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(run(args, settings, checks))
     finally:
         cleanup(args.redis_url, prefix)
     for failure in checks.failures:

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,3 +162,24 @@ def test_with_a_key_it_says_tokens_are_required_and_warns_of_nothing(settings: S
     assert "NO ACCESS CONTROL" not in output
     assert "GET /tasks/no-such-task?token=*** HTTP/1.1" in output, output
     assert token not in output
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_web_runs_on_the_event_loop_it_is_told(settings: Settings, app_dir: Path, loop: str) -> None:
+    port = free_port()
+    process = web(settings, app_dir, port, "myapp.progress:TASKS", event_loop=loop)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert first.startswith(f"progress-sse web on http://127.0.0.1:{port}"), first
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            assert json.load(resp)["loop"] == loop
+        url = f"http://127.0.0.1:{port}/tasks/{LONGEST_ID}/events"
+        with pytest.raises(urllib.error.HTTPError) as unknown:  # a stream's whole path, on that loop
+            urllib.request.urlopen(url, timeout=10)
+        unknown.value.close()
+        assert unknown.value.code == 404
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=15)[0]
+    assert process.returncode == 0, output

@@ -214,7 +214,7 @@ async def test_workers_are_counted_by_their_heartbeats(
 
     publisher.worker_alive("one@host", "i1", ttl=30)
     publisher.worker_alive("two@host", "i2", ttl=30)
-    assert await health() == {"status": "ok", "redis": "ok", "workers": 2}
+    assert await health() == {"status": "ok", "redis": "ok", "workers": 2, "loop": "asyncio"}  # pytest's loop
     body = await start()
     assert body["workers"] == 2 and "warning" not in body
 
@@ -283,7 +283,13 @@ async def test_healthz_reports_redis(make_server: Any, settings: Settings) -> No
     alone: Server = await make_server(settings.with_(key_prefix=f"{settings.key_prefix}-alone"))
     async with alone.session.get(alone.url("/healthz")) as resp:
         assert resp.status == 200
-        assert await resp.json() == {"status": "ok", "redis": "ok", "workers": 0, "warning": NO_WORKER}
+        assert await resp.json() == {
+            "status": "ok",
+            "redis": "ok",
+            "workers": 0,
+            "warning": NO_WORKER,
+            "loop": "asyncio",
+        }
     down: Server = await make_server(settings.with_(redis_url="redis://127.0.0.1:1/0"))
     async with down.session.get(down.url("/healthz")) as resp:
         assert resp.status == 503

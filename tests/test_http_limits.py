@@ -374,7 +374,7 @@ def test_at_the_fd_limit_healthz_answers_and_the_log_has_one_line(start_web: Cal
     """A connection limit above the fd limit, so the process really runs out:
     asyncio pauses accepting, the idle connections are closed, and the ones
     waiting, /healthz last, are accepted."""
-    web_ = start_web(nofile=NOFILE, PROGRESS_SSE_MAX_CONNECTIONS="100000")
+    web_ = start_web(nofile=NOFILE, PROGRESS_SSE_MAX_CONNECTIONS="100000", PROGRESS_SSE_LOOP="asyncio")
     assert healthz(web_.port).status == 200  # the Redis pool holds its connection from here on
     with ExitStack() as stack:
         fill(web_.port, 2 * NOFILE, stack)
@@ -386,6 +386,21 @@ def test_at_the_fd_limit_healthz_answers_and_the_log_has_one_line(start_web: Cal
     assert "out of system resource" not in log
     out_of_fds = [line for line in warnings_in(log) if "Out of file descriptors" in line]
     assert len(out_of_fds) == 1, log
+
+
+def test_on_uvloop_at_the_fd_limit_the_burst_is_turned_away_and_the_web_serves_again(
+    start_web: Callable[..., Web],
+) -> None:
+    """uvloop (libuv) at the fd limit accepts a waiting connection and closes it at
+    once, where asyncio pauses: the burst's extra connections, /healthz among
+    them, are turned away, and once it is over the process serves as before
+    (docs/protocol.md, "Request limits")."""
+    web_ = start_web(nofile=NOFILE, PROGRESS_SSE_MAX_CONNECTIONS="100000", PROGRESS_SSE_LOOP="uvloop")
+    assert healthz(web_.port).json["loop"] == "uvloop"
+    with ExitStack() as stack:
+        fill(web_.port, 2 * NOFILE, stack)
+    assert healthz(web_.port).status == 200
+    assert_only_log_lines(web_.stop())
 
 
 def test_below_the_fd_limit_by_default_healthz_answers(start_web: Callable[..., Web]) -> None:

@@ -615,3 +615,65 @@ async def test_a_sequence_that_went_back_gets_a_new_epoch_before_watchers_resync
             assert redis_client.hget(keys.history(), "epoch") != high.epoch, "the resync came before the renaming"
     finally:
         await store_client.aclose()
+
+
+class Socket:
+    """A transport's write side, as Direct uses it: what was written, and a buffer
+    that fills when the test says the client stopped reading."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.waiting = 0  # bytes the client has not taken
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.waiting
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16 * 1024, 64 * 1024)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_an_idle_stream_gets_live_frames_written_to_its_socket_without_waking() -> None:
+    """Direct fan-out: a frame for a stream that waits with nothing queued is written
+    to its socket, chunk-framed, and moves its place; the stream's task sleeps on.
+    What its own loop must see (an end, news from another history, a stream under
+    back-pressure) is queued for it instead, and no frame overtakes a queued one."""
+    watcher = Watcher(["t", "u"], limit=10_000)
+    socket, at = Socket(), {0: Position("e", 10)}
+    waiting = {"t"}
+    watcher.direct = hub_module.Direct(socket, None, at, lambda: waiting, float("inf"))  # type: ignore[arg-type]
+    sleeper = asyncio.ensure_future(watcher.next())
+    await asyncio.sleep(0)  # the stream's task is parked in next()
+    assert watcher.idle
+
+    first = Frame("t", 11, "progress", '{"current":1}', "e")
+    watcher.deliver(first)
+    assert socket.written == [first.chunk(None)] and first.chunk(None).startswith(b"%x\r\n" % len(first.encoded))
+    assert at == {0: Position("e", 11)} and not sleeper.done(), "written, and the stream slept on"
+
+    watcher.deliver(Frame("t", 11, "progress", "{}", "e"))  # no news: at its place
+    watcher.deliver(Frame("u", 12, "progress", "{}", "e"))  # a task it no longer waits for
+    assert len(socket.written) == 1 and not sleeper.done()
+
+    socket.waiting = 64 * 1024  # the client stopped reading: back-pressure
+    pressed = Frame("t", 13, "progress", "{}", "e")
+    watcher.deliver(pressed)
+    assert await sleeper == pressed, "queued, for the loop's own write with its timeout"
+    socket.waiting = 0
+    watcher.deliver(Frame("t", 14, "progress", "{}", "e"))  # the stream's task is not waiting
+    assert len(socket.written) == 1
+
+    sleeper = asyncio.ensure_future(watcher.next())
+    await asyncio.sleep(0)
+    assert await sleeper == Frame("t", 14, "progress", "{}", "e"), "behind the queued one, not overtaking it"
+    sleeper = asyncio.ensure_future(watcher.next())
+    await asyncio.sleep(0)
+    end = Frame("t", 15, "success", "{}", "e")
+    watcher.deliver(end)
+    assert await sleeper == end, "an end is the loop's: the stream may be over"
+    assert len(socket.written) == 1

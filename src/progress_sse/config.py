@@ -61,6 +61,9 @@ class Settings:
     max_streams: int | None = None
     # Web processes serving one port (`progress-sse web --workers`, cli/serve.py).
     web_workers: int = 1
+    # The web's event loop: uvloop when installed, asyncio's own, or `auto`
+    # (uvloop if it imports; web/server.py `new_loop`).
+    event_loop: str = "auto"
     # Request limits (web/server.py): seconds a request's headers, then its body,
     # may take to arrive, and an idle connection stays open; client connections
     # per process (None: derived from the file-descriptor limit, web/limits.py).
@@ -310,6 +313,7 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 
 _watcher_errors = _matching("message|type", "message (a failure's type and message) or type (its type alone)")
+_event_loop = _matching("auto|uvloop|asyncio", "auto (uvloop if it is installed), uvloop or asyncio")
 
 
 _SERVERS = frozenset({"web", "worker", "dev"})
@@ -441,6 +445,14 @@ TABLE: tuple[Setting, ...] = (
         "web processes serving the port together (SO_REUSEPORT, Linux); each holds its own subscription",
         "--workers",
         frozenset({"web"}),
+    ),
+    Setting(
+        "event_loop",
+        "PROGRESS_SSE_LOOP",
+        _event_loop,
+        "the web's event loop: uvloop (the `uvloop` extra), asyncio, or auto: uvloop when it is installed",
+        "--loop",
+        _WEB,
     ),
     Setting(
         "header_timeout",

@@ -175,8 +175,13 @@ class Frame:
     body: bytes = field(init=False, repr=False, compare=False)
     # for_watcher's bodies, by `messages`: made once, shared by every watcher and copy.
     _watcher_bodies: dict[bool, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
+    # `chunk`'s, by variant: made once, written as they are to every idle stream.
+    _chunks: dict[bool | None, bytes] = field(init=False, repr=False, compare=False, default_factory=dict)
+    # `<epoch>-<seq>` as a value, made once: every stream that takes the frame keeps it.
+    position: Position | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "position", None if self.epoch is None else Position(self.epoch, self.seq))
         object.__setattr__(self, "body", encode_sse(event=self.state, data=self.data))
         object.__setattr__(self, "encoded", self._id_line() + self.body)
 
@@ -189,21 +194,33 @@ class Frame:
         """The frame as one stream sends it, with that stream's `cursor` as its id
         (on a cluster: web/delivery.py `stamp`). Its body is not encoded again."""
         copy: Frame = object.__new__(Frame)
-        for name in ("task_id", "seq", "state", "data", "epoch", "partition", "body", "_watcher_bodies"):
+        for name in ("task_id", "seq", "state", "data", "epoch", "partition", "position", "body", "_watcher_bodies"):
             object.__setattr__(copy, name, getattr(self, name))
         object.__setattr__(copy, "cursor", cursor)
         object.__setattr__(copy, "encoded", copy._id_line() + self.body)
+        object.__setattr__(copy, "_chunks", {})
         return copy
+
+    def bytes_for(self, variant: bool | None) -> bytes:
+        """The frame as a stream of `variant` writes it: None, as stored (an
+        operator); True or False, as events.for_watcher shapes it with or without
+        messages (web/access.py `frame_variant`)."""
+        return self.encoded if variant is None else self.encoded_for_watcher(messages=variant)
+
+    def chunk(self, variant: bool | None) -> bytes:
+        """`bytes_for(variant)` in HTTP/1.1 chunked framing, made once per frame: what
+        the hub writes straight to the socket of every idle stream (web/hub.py)."""
+        found = self._chunks.get(variant)
+        if found is None:
+            data = self.bytes_for(variant)
+            found = self._chunks[variant] = b"%x\r\n%b\r\n" % (len(data), data)
+        return found
 
     @property
     def id(self) -> str | None:
         if self.cursor is not None:
             return self.cursor
         return None if self.epoch is None else f"{self.epoch}-{self.seq}"
-
-    @property
-    def position(self) -> Position | None:
-        return None if self.epoch is None else Position(self.epoch, self.seq)
 
     def encoded_for_watcher(self, *, messages: bool) -> bytes:
         """`encoded`, as a watcher may see it (for_watcher), worked out once per frame

@@ -161,6 +161,7 @@ def _run(app: web.Application | Awaitable[web.Application], settings: Settings, 
         app,
         host=settings.host,
         port=settings.port,
+        event_loop=settings.event_loop,
         **{"shutdown_timeout": SHUTDOWN_TIMEOUT, **RUN_OPTIONS, **options},
     )
 

@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import Settings, is_loopback
-from ..events import Frame, for_watcher
+from ..events import for_watcher
 from ..tokens import DEFAULT_TTL, Grant, TokenError, verify, watch_token
 from .cors import Cors
 from .errors import Handler, error
@@ -157,22 +157,16 @@ def sees_everything(request: web.Request) -> bool:
     return request[GRANT].operator
 
 
-def frame_bytes(request: web.Request, access: Access) -> Callable[[Frame], bytes]:
-    """How this request's stream writes a frame: as stored for an operator, as
-    events.for_watcher shapes it for anyone else."""
-    if sees_everything(request):
-        return _as_stored
-    messages = access.watcher_messages
-    return lambda frame: frame.encoded_for_watcher(messages=messages)
+def frame_variant(request: web.Request, access: Access) -> bool | None:
+    """How this request's stream writes a frame (events.Frame.bytes_for): as stored
+    for an operator (None), as events.for_watcher shapes it for anyone else (with
+    or without messages)."""
+    return None if sees_everything(request) else access.watcher_messages
 
 
 def body_for(request: web.Request, access: Access, body: dict[str, Any]) -> dict[str, Any]:
     """A task's description (GET /tasks/<id>) as this request may see it."""
     return body if sees_everything(request) else for_watcher(body, messages=access.watcher_messages)
-
-
-def _as_stored(frame: Frame) -> bytes:
-    return frame.encoded
 
 
 def _token(request: web.Request) -> str | None:

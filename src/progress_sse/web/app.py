@@ -157,6 +157,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await reaper_task
         await hub.close()
+        await app[STREAMS].close()
         for connection in [*hub_redis, *(partitions or ()), client]:
             await connection.aclose()
         app[PUBLISHER].client.close()

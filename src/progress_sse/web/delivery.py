@@ -42,9 +42,9 @@ from aiohttp import web
 from .. import cursors
 from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
-from .access import GRANT, Access, authorize, authorize_watch, frame_bytes
+from .access import GRANT, Access, authorize, authorize_watch, frame_variant
 from .errors import UNAVAILABLE, error
-from .hub import Hub, Hubs, Signal, Watcher
+from .hub import Direct, Hub, Hubs, Signal, Watcher
 from .incidents import Incidents
 from .store import Start, Store
 
@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 # as final, but comes back after an ended 200. The delay is spread at random so the
 # clients a failure sent away do not return at the same instant.
 RETRY_LATER_MS = (1_000, 5_000)
+# Streams the heartbeat looks at before it lets the loop run something else: a
+# few milliseconds of pings at most.
+PINGS_AT_ONCE = 256
+# A ping in HTTP/1.1 chunked framing: what the heartbeat writes straight to a socket.
+PING_CHUNK = b"%x\r\n%b\r\n" % (len(PING), PING)
 # The most a stream writes at once: each piece must drain within the write timeout.
 # The size of asyncio's default high-water mark, so one piece waits on one drain.
 WRITE_PIECE = 64 * 1024
@@ -115,11 +120,14 @@ class Live:
 
     `batches(tasks)` yields the new frames of `tasks` (a callable: the set may
     shrink as tasks end) in order, each batch what had arrived by then, so a
-    client that fell behind catches up in one write. Between batches it writes a
-    ping after `heartbeat` seconds without a write. It ends when the hub closes
-    the watcher (shutdown), or when the token the stream was opened with expires
-    (`expires`, a Unix time): the client's reconnect then needs a new one. The
-    caller stops it when it has what it needs.
+    client that fell behind catches up in one write. With `direct`, while the
+    stream waits with nothing to do, the hub writes live frames straight to its
+    socket (web/hub.py `Direct`): most frames of a stream that keeps up never
+    wake its task. It ends when the hub closes the watcher (shutdown), or when
+    the token the stream was opened with expires (`expires`, a Unix time): the
+    client's reconnect then needs a new one. The caller stops it when it has what
+    it needs. One timer for every stream writes a ping to those that wrote
+    nothing for `heartbeat` seconds (EventStream, `ping_if_quiet`).
 
     A write the client does not take within `write_timeout` seconds (it stopped
     reading, and the socket's buffers are full) aborts the connection and raises
@@ -136,13 +144,13 @@ class Live:
         heartbeat: float,
         write_timeout: float = 30.0,
         expires: float = math.inf,
-        encode: Callable[[Frame], bytes] = lambda frame: frame.encoded,
+        variant: bool | None = None,
     ) -> None:
         self.request, self.response, self.watcher, self.store = request, response, watcher, store
-        self.heartbeat, self.write_timeout, self.encode = heartbeat, write_timeout, encode
+        self.heartbeat, self.write_timeout, self.variant = heartbeat, write_timeout, variant
         self.composite = store.keys.partitions > 1
         self._clock = asyncio.get_running_loop().time
-        self._last_write = self._clock()
+        watcher.last_write = self._clock()
         self._deadline = self._clock() + (expires - time.time())  # on the loop's clock
 
     async def write(self, data: bytes) -> None:
@@ -157,11 +165,29 @@ class Live:
                 if transport is not None:
                     transport.abort()
                 raise ClientStalled(f"no bytes accepted for {self.write_timeout:g}s") from None
-        self._last_write = self._clock()
+        self.watcher.last_write = self._clock()
+
+    def ping_if_quiet(self, now: float) -> None:
+        """The heartbeat: a stream that wrote nothing for `heartbeat` seconds and is
+        waiting gets a ping, straight to its socket. One whose socket is not taking
+        bytes is woken to write it its own way (Signal.PING), with the write
+        timeout that lets go of a stalled client. A stream that is not waiting is
+        busy writing, which is no silence."""
+        watcher = self.watcher
+        if now - watcher.last_write < self.heartbeat or not watcher.idle or now >= self._deadline:
+            return
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]:
+            transport.write(PING_CHUNK)
+            watcher.last_write = now
+        else:
+            watcher.deliver(Signal.PING)
 
     async def send(self, frames: Iterable[Frame], before: bytes = b"") -> None:
         """`before`, then the frames, as this stream's client may see them, in one write."""
-        await self.write(before + b"".join(self.encode(frame) for frame in frames))
+        await self.write(before + b"".join(frame.bytes_for(self.variant) for frame in frames))
 
     async def send_batch(self, batch: Batch) -> None:
         await self.send(batch.frames, before=batch.head)
@@ -170,54 +196,70 @@ class Live:
         """See `stamp`."""
         return stamp(frames, places, composite=self.composite)
 
-    async def batches(self, tasks: Callable[[], Collection[str]], places: Places) -> AsyncGenerator[Batch, None]:
+    async def batches(
+        self, tasks: Callable[[], Collection[str]], places: Places, *, direct: bool = False
+    ) -> AsyncGenerator[Batch, None]:
         """`places`: where the stream stands in each of its tasks' partitions, once
-        what it sent first (a Start's frames) is sent: its frames' ids go on from there."""
+        what it sent first (a Start's frames) is sent: its frames' ids go on from
+        there. `direct`: the hub may write live frames of `tasks` as they are
+        (not for a group's stream, which sends aggregates; not on a cluster, where
+        each stream gives a frame its own id)."""
         at = dict(places)  # what the stream has: a live frame at or before it is no news
         ids = dict(places)  # what the ids of the frames sent so far say it has
         left: set[tuple[int, str]] = set()  # histories this stream left: their stragglers are no news
-        while not self.watcher.closed:
-            # Items the stream drops (duplicates) must not postpone the ping.
-            now = self._clock()
-            if now >= self._deadline:
-                return
-            wait = min(self._last_write + self.heartbeat, self._deadline) - now
-            first = await self.watcher.next(max(0.0, wait))
-            if first is None:
-                if self._clock() < self._deadline:
-                    await self.write(PING)
-                continue
-            batch: list[Frame] = []
-            for item in [first, *self.watcher.pending()]:
-                if item is Signal.CLOSE:
-                    break
-                if isinstance(item, Frame):
-                    if item.task_id not in tasks():
-                        continue  # a task the stream has stopped waiting for
-                    mine = at.get(item.partition)
-                    if mine is not None and item.epoch == mine.epoch:
-                        if item.seq > mine.n:
-                            batch.append(item)
-                            at[item.partition] = Position(item.epoch, item.seq)
+        transport = self.request.transport
+        if direct and not self.composite and transport is not None:
+            # The hub moves `at` itself for each frame it writes: the same dict.
+            self.watcher.direct = Direct(transport, self.variant, at, tasks, self._deadline)
+        try:
+            while not self.watcher.closed:
+                now = self._clock()
+                if now >= self._deadline:
+                    return
+                first = await self.watcher.next(None if math.isinf(self._deadline) else self._deadline - now)
+                if first is None:
+                    continue  # the token expired: the loop's test ends the stream
+                batch: list[Frame] = []
+                pinged = False
+                for item in [first, *self.watcher.pending()]:
+                    if item is Signal.CLOSE:
+                        break
+                    if item is Signal.PING:
+                        pinged = True
                         continue
-                    if (item.partition, item.epoch) in left:
+                    if isinstance(item, Frame):
+                        if item.task_id not in tasks():
+                            continue  # a task the stream has stopped waiting for
+                        mine = at.get(item.partition)
+                        if mine is not None and item.epoch == mine.epoch:
+                            if item.seq > mine.n:
+                                batch.append(item)
+                                at[item.partition] = item.position  # type: ignore[assignment]  # it has an epoch
+                            continue
+                        if (item.partition, item.epoch) in left:
+                            continue
+                    # A resync, or a frame of a history this stream has not seen: read
+                    # where its tasks stand since its position.
+                    catchup = await self.store.after(tasks(), at)
+                    if not catchup.lost:
+                        batch += catchup.frames
+                        at.update(catchup.upto)
                         continue
-                # A resync, or a frame of a history this stream has not seen: read
-                # where its tasks stand since its position.
-                catchup = await self.store.after(tasks(), at)
-                if not catchup.lost:
-                    batch += catchup.frames
-                    at = catchup.upto
-                    continue
+                    if batch:
+                        yield Batch(self.stamped(batch, ids))
+                        batch = []
+                    left.update((p, place.epoch) for p, place in at.items())
+                    reset, upto = await self.reset(tasks(), HISTORY_LOST)
+                    at.clear()
+                    at.update(upto)
+                    ids = dict(upto)
+                    yield reset
                 if batch:
                     yield Batch(self.stamped(batch, ids))
-                    batch = []
-                left.update((p, place.epoch) for p, place in at.items())
-                reset, at = await self.reset(tasks(), HISTORY_LOST)
-                ids = dict(at)
-                yield reset
-            if batch:
-                yield Batch(self.stamped(batch, ids))
+                elif pinged:
+                    await self.write(PING)
+        finally:
+            self.watcher.direct = None
 
     async def reset(self, tasks: Collection[str], reason: str) -> tuple[Batch, Places]:
         """Start over: a reset frame, then each task's current state (read now), and
@@ -237,6 +279,7 @@ class Opened:
     ids: list[str]
     cursor: Cursor | None
     response: web.StreamResponse | None = field(default=None, init=False)
+    live: Live | None = field(default=None, init=False)
 
     async def start(self, fresh: Iterable[str] = (), *, replay: bool = True) -> Start:
         """Where each task stands for this stream (store.start from the client's
@@ -250,7 +293,8 @@ class Opened:
         """Send the response's headers: from here on the stream is the client's."""
         self.response = web.StreamResponse(headers=SSE_HEADERS)
         await self.response.prepare(self.request)
-        return self.streams.live(self.request, self.response, self.watcher)
+        self.live = self.streams.live(self.request, self.response, self.watcher)
+        return self.live
 
     async def end(self) -> web.StreamResponse:
         assert self.response is not None
@@ -340,6 +384,8 @@ class EventStream:
         self.max_streams = max_streams
         self.reads = SharedReads(store, hub)
         self.open = 0  # streams open now
+        self._lives: set[Live] = set()  # the streams that began: what the heartbeat looks after
+        self._heartbeat: asyncio.Task[None] | None = None
         self.stalled = 0  # clients disconnected for accepting no bytes (tests read it)
         self.incidents = Incidents(log)
 
@@ -402,11 +448,14 @@ class EventStream:
             raise try_later("Redis is not answering") from None
         finally:
             self.open -= 1
+            if stream is not None and stream.live is not None:
+                self._lives.discard(stream.live)
 
     def live(self, request: web.Request, response: web.StreamResponse, watcher: Watcher) -> Live:
         """The live loop of `request`'s stream: it ends when the request's token
-        expires, and writes frames as the token's holder may see them."""
-        return Live(
+        expires, and writes frames as the token's holder may see them. The
+        heartbeat looks after it until its stream ends (`opened`)."""
+        live = Live(
             request,
             response,
             watcher,
@@ -414,8 +463,37 @@ class EventStream:
             heartbeat=self.heartbeat,
             write_timeout=self.write_timeout,
             expires=request[GRANT].expires,
-            encode=frame_bytes(request, self.access),
+            variant=frame_variant(request, self.access),
         )
+        self._lives.add(live)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat(), name="progress-sse heartbeat")
+        return live
+
+    async def _beat(self) -> None:
+        """One timer for every stream: four times a heartbeat, each stream that wrote
+        nothing for a heartbeat gets a ping (Live.ping_if_quiet). A quiet stream
+        is pinged after one to 1.25 heartbeats; no stream keeps a timer of its own.
+        Streams that opened together fall due together: the loop is handed back
+        every PINGS_AT_ONCE streams, so live frames are not held up behind them."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.heartbeat / 4)
+            lives = list(self._lives)
+            for start in range(0, len(lives), PINGS_AT_ONCE):
+                if start:
+                    await asyncio.sleep(0)
+                now = loop.time()
+                for live in lives[start : start + PINGS_AT_ONCE]:
+                    live.ping_if_quiet(now)
+
+    async def close(self) -> None:
+        """Stop the heartbeat (the app's cleanup: every stream has ended)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
 
     async def serve(
         self, request: web.Request, task_ids: Sequence[str], *, single: bool, fresh: Iterable[str] = ()
@@ -444,7 +522,7 @@ class EventStream:
             head += b"".join(unknown_task_frame(task_id) for task_id in unknown if task_id not in missing)
             await live.send(live.stamped(frames, dict(start.base)), before=PING + head)
             if waiting:
-                async with contextlib.aclosing(live.batches(lambda: waiting, start.upto)) as batches:
+                async with contextlib.aclosing(live.batches(lambda: waiting, start.upto, direct=True)) as batches:
                     async for batch in batches:
                         await live.send_batch(batch)
                         waiting.difference_update(frame.task_id for frame in batch.frames if frame.terminal)

@@ -22,6 +22,7 @@ from . import control, groups, pages, reaper
 from .access import authorize, authorize_watch, body_for
 from .context import ACCESS, ALLOWLIST, HUB, REDIS, STORE, STREAMS
 from .errors import error
+from .server import loop_name
 from .store import describe, task_cursor
 
 MAX_BODY = 64 * 1024
@@ -206,4 +207,4 @@ async def healthz(request: web.Request) -> web.Response:
         body = {"status": "error", "redis": reason, "error": f"Redis is not answering ({reason})."}
         return _json(body, status=503)
     # No worker is not an error of this process: still 200, with the warning.
-    return _json({"status": "ok", "redis": "ok", **workers})
+    return _json({"status": "ok", "redis": "ok", **workers, "loop": loop_name()})

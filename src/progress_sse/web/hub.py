@@ -23,7 +23,7 @@ import contextlib
 import enum
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,9 +41,37 @@ class Signal(enum.Enum):
     # may have changed (then the stream starts over from current states).
     RESYNC = "resync"
     CLOSE = "close"  # the server is shutting down
+    # The stream has been quiet for a heartbeat, but its socket is not taking bytes
+    # fast: write the ping the stream's own way, which lets go of a stalled client.
+    PING = "ping"
 
 
 Item = Frame | Signal
+
+
+class Direct:
+    """What it takes to write a frame straight to an idle stream's socket, from the
+    hub's dispatch, without waking the stream's task (web/delivery.py `Live`):
+    its transport, how it writes frames (`variant`), the places it has had
+    (`at`, the dict the stream itself keeps), the tasks it still waits for, and
+    the time its token expires on the loop's clock."""
+
+    __slots__ = ("at", "clock", "deadline", "high", "transport", "variant", "waiting")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        variant: bool | None,
+        at: dict[int, Position],
+        waiting: Callable[[], Collection[str]],
+        deadline: float,
+    ) -> None:
+        self.transport, self.variant, self.at, self.waiting = transport, variant, at, waiting
+        self.deadline = deadline
+        self.clock = asyncio.get_running_loop().time
+        # Bytes waiting in the transport at which asyncio pauses the writer: above
+        # them, the stream is under back-pressure, and its own loop writes.
+        self.high = transport.get_write_buffer_limits()[1]
 
 
 class Watcher:
@@ -58,12 +86,30 @@ class Watcher:
     the log, which is the buffer of last resort.
     """
 
+    __slots__ = (
+        "_bytes",
+        "_held",
+        "_held_bytes",
+        "_items",
+        "_limit",
+        "_wakeup",
+        "closed",
+        "confirmed",
+        "direct",
+        "last_write",
+        "task_ids",
+    )
+
     def __init__(self, task_ids: Iterable[str], *, limit: int) -> None:
         self.task_ids = frozenset(task_ids)
         self.closed = False
         # Hub.generation just after this watcher was registered and its channels
         # confirmed: a read issued at or after it is one it may share (web/delivery.py).
         self.confirmed = 0
+        # Set while the stream may be written straight to (Direct); when it last
+        # wrote, on the loop's clock (the one heartbeat of web/delivery.py reads it).
+        self.direct: Direct | None = None
+        self.last_write = 0.0
         self._limit = limit
         self._items: deque[Item] = deque()
         self._bytes = 0
@@ -90,7 +136,17 @@ class Watcher:
         for frame in held:
             self.deliver(frame)
 
+    @property
+    def idle(self) -> bool:
+        """The stream's task waits for the next item, with nothing waiting for it:
+        it is not writing, so its socket may be written to from outside."""
+        return not self._items and self._wakeup is not None and not self._wakeup.done()
+
     def deliver(self, item: Item) -> None:
+        """Queue `item` for the stream's task; or, for a live frame that a stream
+        written straight to can take as it is, write it now (`_write_direct`)."""
+        if self.direct is not None and isinstance(item, Frame) and self.idle and self._write_direct(item):
+            return
         if self._held and isinstance(item, Frame) and item.partition in self._held:
             if self._held_bytes >= self._limit:
                 for frames in self._held.values():
@@ -106,6 +162,29 @@ class Watcher:
                 self._collapse()
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    def _write_direct(self, frame: Frame) -> bool:
+        """Write `frame` straight to the idle stream's socket, or drop it as no news,
+        as the stream's own loop would (web/delivery.py `Live.batches`): True when
+        done. False leaves it to the loop: a frame of another history, a terminal
+        one (the stream may end), a partition being resubscribed, a socket that
+        is not taking bytes (back-pressure: the loop's write waits, and lets go
+        of a stalled client), or a token that has expired."""
+        direct = self.direct
+        assert direct is not None
+        at = direct.at.get(frame.partition)
+        if at is None or frame.epoch != at.epoch or frame.terminal or frame.partition in self._held:
+            return False
+        if frame.seq <= at.n or frame.task_id not in direct.waiting():
+            return True  # no news to this stream
+        transport = direct.transport
+        now = direct.clock()
+        if transport.is_closing() or transport.get_write_buffer_size() >= direct.high or now >= direct.deadline:
+            return False
+        transport.write(frame.chunk(direct.variant))
+        direct.at[frame.partition] = frame.position  # type: ignore[assignment]  # it has an epoch
+        self.last_write = now
+        return True
 
     def _collapse(self) -> None:
         latest = {item.task_id: item for item in self._items if isinstance(item, Frame) and item.state == "progress"}
@@ -138,13 +217,17 @@ class Watcher:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def next(self, timeout: float) -> Item | None:
-        """The next item, or None after `timeout` seconds of silence."""
+    async def next(self, timeout: float | None = None) -> Item | None:
+        """The next item, or None after `timeout` seconds of silence (None: no
+        timeout, and no timer)."""
         if not self._items:
             self._wakeup = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
+                if timeout is None:
                     await self._wakeup
+                else:
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup
             except TimeoutError:
                 return None
             finally:

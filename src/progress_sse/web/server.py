@@ -24,7 +24,9 @@ and leaves these to us (`Connection`, made by `Server`):
   (ACCEPT_RETRY_DELAY), but logs a traceback for every failed `accept` of its
   backlog loop. An event-loop exception handler turns those into one WARNING line
   per incident and closes the idle connections, so the connections waiting in
-  the backlog, `/healthz` among them, are accepted a second later.
+  the backlog, `/healthz` among them, are accepted a second later. (uvloop,
+  `new_loop`, accepts and closes them at once instead: docs/protocol.md,
+  "Request limits".)
 
 `run_app(app, ...)` is aiohttp's `web.run_app` serving through these; `Runner`
 is the AppRunner, for tests and for embedding.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import socket
 import time
@@ -49,7 +52,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..events import dumps
 from .context import SETTINGS
 from .incidents import Incidents
@@ -373,6 +376,37 @@ def _accept_errors(server: Server, previous: Any) -> Callable[[asyncio.AbstractE
     return handle
 
 
+def freeze_startup() -> None:
+    """What start-up made (modules, the app, its clients) lives as long as the
+    process: moved out of the collector's way, so that a full collection with
+    thousands of open streams walks only what the streams made, and stalls the
+    loop for less (docs/benchmarks.md)."""
+    gc.collect()
+    gc.freeze()
+
+
+def new_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    """The web's event loop (PROGRESS_SSE_LOOP): `uvloop`, `asyncio` (the standard
+    library's), or `auto`: uvloop when it is installed. uvloop runs the same
+    streams with less CPU per frame (docs/benchmarks.md)."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError(
+                    "PROGRESS_SSE_LOOP is uvloop, but uvloop is not installed: pip install 'progress-sse[uvloop]'"
+                ) from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def loop_name() -> str:
+    """`uvloop` or `asyncio`: which event loop runs this coroutine."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+
+
 def run_app(
     app: web.Application | Awaitable[web.Application],
     *,
@@ -384,13 +418,15 @@ def run_app(
     shutdown_timeout: float = 60.0,
     handle_signals: bool = True,
     print: Callable[[str], None] | None = print,
+    event_loop: str = "auto",
     **kwargs: Any,
 ) -> None:
     """`aiohttp.web.run_app` (its arguments, TCP only), serving through `Runner`.
     Blocks until SIGINT or SIGTERM (with handle_signals) or KeyboardInterrupt,
     then shuts down as aiohttp's does: streams end, requests get
-    `shutdown_timeout` seconds, then the loop's remaining tasks are cancelled."""
-    loop = asyncio.new_event_loop()
+    `shutdown_timeout` seconds, then the loop's remaining tasks are cancelled.
+    `event_loop`: which one (`new_loop`)."""
+    loop = new_loop(event_loop)
     asyncio.set_event_loop(loop)
     main = loop.create_task(
         _serve(app, host, port, sock, reuse_port, backlog, shutdown_timeout, handle_signals, print, kwargs)
@@ -437,6 +473,7 @@ async def _serve(
         await site.start()
         if print is not None:
             print(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
+        freeze_startup()  # after the line: whoever waits for it need not wait for a collection
         await asyncio.Event().wait()  # until cancelled, or a signal raises GracefulExit
     finally:
         await runner.cleanup()
