@@ -193,20 +193,36 @@ def test_nothing_is_stored_after_a_terminal_event(
     assert redis_client.hget(keys.history(), "n") == str(parse_id(seq).n)
 
 
-def test_both_keys_get_the_history_ttl(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:
+def test_both_keys_get_the_history_ttl_at_the_start_every_eighth_of_it_and_at_the_end(
+    settings: Settings, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """Setting the TTL on every event costs two commands a progress event: it is set
+    at a task's first event, again once an eighth of it has passed (Redis's clock,
+    the `renewed` field), and at its end."""
     client = sync_client(settings.redis_url, name=f"pst-publisher-test-{uuid.uuid4().hex[:8]}")
+    task_id = new_task()
+    both = (keys.state(task_id), keys.log(task_id))
+
+    def ttls() -> list[int]:
+        return [redis_client.ttl(key) for key in both]
+
     try:
         publisher = Publisher(client, keys, history_ttl=120)
-        task_id = new_task()
         publisher.publish(event(task_id, "queued"))
-        redis_client.expire(keys.state(task_id), 5)
-        redis_client.expire(keys.log(task_id), 5)
-        publisher.publish(event(task_id, "started"))  # every event renews both
+        assert all(100 < ttl <= 120 for ttl in ttls()), ttls()
+        for key in both:
+            redis_client.expire(key, 50)
+        publisher.publish(event(task_id, "started"))
+        assert all(40 < ttl <= 50 for ttl in ttls()), "within an eighth of the TTL: not set again"
+        redis_client.hincrby(keys.state(task_id), "renewed", -15)  # as if 15 s (an eighth) had passed
+        publisher.publish(event(task_id, "progress", current=1, total=2))
+        assert all(100 < ttl <= 120 for ttl in ttls()), ttls()
+        for key in both:
+            redis_client.expire(key, 50)
+        publisher.publish(event(task_id, "success"))
+        assert all(100 < ttl <= 120 for ttl in ttls()), "an end sets it again: the keys live a whole TTL after it"
     finally:
         client.close()
-    for key in (keys.state(task_id), keys.log(task_id)):
-        ttl = redis_client.ttl(key)
-        assert 100 < ttl <= 120, (key, ttl)
 
 
 def test_log_is_capped_near_history_max(settings: Settings, keys: Keys, redis_client: redis.Redis) -> None:

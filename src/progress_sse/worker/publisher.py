@@ -37,6 +37,12 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, ClusterError, Tr
 # The terminal states, as the Lua test `prev == 'success' or …`: generated from the
 # one Python definition (events.TERMINAL_STATES), so the two cannot drift apart.
 _PREV_IS_TERMINAL = " or ".join(f"prev == '{state}'" for state in sorted(TERMINAL_STATES))
+_ENDS = " or ".join(f"ARGV[3] == '{state}'" for state in sorted(TERMINAL_STATES))
+# A task's keys get their TTL again when this share of it has passed since they
+# last did (and at the task's first and last event): not on every event. They
+# live from 7/8 of PROGRESS_SSE_HISTORY_TTL to all of it after the last event
+# while the task runs, and all of it after its end.
+RENEW_AFTER = 1 / 8
 
 
 def _append_script(publish: str) -> str:
@@ -45,7 +51,7 @@ def _append_script(publish: str) -> str:
     return (
         HISTORY_LUA
         + f"""
-local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch', 'events', 'renewed')
 local prev = cur[1]
 if prev then
   -- The same call again (redis-py retried after a reply was lost): already stored.
@@ -63,18 +69,29 @@ local epoch, since = history(KEYS[3], ARGV[10])
 -- As text with every digit: Lua turns a number of 15 digits or more into text
 -- like 2.1834010558e+14. (Its numbers are doubles: exact up to 2^53.)
 local seq = string.format('%d', redis.call('HINCRBY', KEYS[3], 'n', 1))
+local events, renewed = tonumber(cur[5]) or 0, tonumber(cur[6])
 -- The task's log holds numbers the current history gives out again (the sequence
 -- was lost and started over): it is of a history that is gone.
 if prev and cur[4] ~= epoch and tonumber(cur[3]) > since then
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'events', 0)
+  events, renewed = 0, nil
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'seq', seq, 'epoch', epoch, 'latest', ARGV[4], 'eid', ARGV[8])
-if #ARGV > 10 then redis.call('HSET', KEYS[1], unpack(ARGV, 11)) end
-redis.call('HINCRBY', KEYS[1], 'events', 1)
+-- Everything the state hash learns, in one HSET.
+local fields = {{'state', ARGV[3], 'seq', seq, 'epoch', epoch, 'latest', ARGV[4], 'eid', ARGV[8], 'events', events + 1}}
+local now = tonumber(redis.call('TIME')[1])
+local renew = not renewed or now - renewed >= ttl * {RENEW_AFTER} or {_ENDS}
+if renew then
+  fields[#fields + 1] = 'renewed'
+  fields[#fields + 1] = now
+end
 if not prev then
-  redis.call('HSET', KEYS[1], 'created_at', ARGV[7])
+  fields[#fields + 1] = 'created_at'
+  fields[#fields + 1] = ARGV[7]
+end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(fields))
+if not prev then
   redis.call('ZADD', KEYS[4], ARGV[7], ARGV[2])
   redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (tonumber(ARGV[7]) - ttl))
 end
@@ -84,8 +101,10 @@ if ARGV[3] == 'queued' then
 elseif prev == 'queued' then
   redis.call('ZREM', KEYS[5], ARGV[2])
 end
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
+if renew then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
 local id = epoch .. '-' .. seq
 redis.call('{publish}', ARGV[1], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
 return id
