@@ -134,6 +134,19 @@ class Live:
     ClientStalled: its watcher and subscription are released at once.
     """
 
+    __slots__ = (
+        "_clock",
+        "_deadline",
+        "composite",
+        "heartbeat",
+        "request",
+        "response",
+        "store",
+        "variant",
+        "watcher",
+        "write_timeout",
+    )
+
     def __init__(
         self,
         request: web.Request,
@@ -205,7 +218,8 @@ class Live:
         (not for a group's stream, which sends aggregates; not on a cluster, where
         each stream gives a frame its own id)."""
         at = dict(places)  # what the stream has: a live frame at or before it is no news
-        ids = dict(places)  # what the ids of the frames sent so far say it has
+        # What the ids of the frames sent so far say it has (a cluster's: see `stamp`).
+        ids = dict(places) if self.composite else {}
         left: set[tuple[int, str]] = set()  # histories this stream left: their stragglers are no news
         transport = self.request.transport
         if direct and not self.composite and transport is not None:
@@ -252,7 +266,7 @@ class Live:
                     reset, upto = await self.reset(tasks(), HISTORY_LOST)
                     at.clear()
                     at.update(upto)
-                    ids = dict(upto)
+                    ids = dict(upto) if self.composite else {}
                     yield reset
                 if batch:
                     yield Batch(self.stamped(batch, ids))
@@ -269,7 +283,7 @@ class Live:
         return Batch(self.stamped(start.frames(), {}), reset_frame(reason, missing)), start.upto
 
 
-@dataclass
+@dataclass(slots=True)
 class Opened:
     """A stream that passed its checks and is subscribed: see EventStream.opened."""
 
@@ -521,8 +535,11 @@ class EventStream:
             head = reset_frame(start.reset, missing) if start.reset else b""
             head += b"".join(unknown_task_frame(task_id) for task_id in unknown if task_id not in missing)
             await live.send(live.stamped(frames, dict(start.base)), before=PING + head)
+            upto = start.upto
+            # Sent: let go of what the stream started from (it may stay open for hours).
+            del start, known, unknown, missing, frames, head
             if waiting:
-                async with contextlib.aclosing(live.batches(lambda: waiting, start.upto, direct=True)) as batches:
+                async with contextlib.aclosing(live.batches(lambda: waiting, upto, direct=True)) as batches:
                     async for batch in batches:
                         await live.send_batch(batch)
                         waiting.difference_update(frame.task_id for frame in batch.frames if frame.terminal)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any
 
@@ -111,7 +111,9 @@ class Watcher:
         self.direct: Direct | None = None
         self.last_write = 0.0
         self._limit = limit
-        self._items: deque[Item] = deque()
+        # A list, not a deque: an empty deque weighs 600 bytes, and an inbox is
+        # empty nearly always (frames go straight to the socket: Direct).
+        self._items: list[Item] = []
         self._bytes = 0
         self._wakeup: asyncio.Future[None] | None = None
         # Partition -> its live frames kept aside while its subscription is restored.
@@ -193,10 +195,10 @@ class Watcher:
             for item in self._items
             if not (isinstance(item, Frame) and item.state == "progress" and latest[item.task_id] is not item)
         ]
-        self._items = deque(kept)
+        self._items = kept
         self._bytes = sum(len(item.encoded) for item in kept if isinstance(item, Frame))
         if self._bytes > self._limit:  # state changes alone: read them back from the log
-            self._items = deque([Signal.CLOSE] if Signal.CLOSE in kept else [Signal.RESYNC])
+            self._items = [Signal.CLOSE] if Signal.CLOSE in kept else [Signal.RESYNC]
             self._bytes = 0
 
     @property
@@ -206,8 +208,7 @@ class Watcher:
 
     def pending(self) -> list[Item]:
         """Every item already waiting, without waiting for more."""
-        items = list(self._items)
-        self._items.clear()
+        items, self._items = self._items, []
         self._bytes = 0
         return items
 
@@ -232,7 +233,7 @@ class Watcher:
                 return None
             finally:
                 self._wakeup = None
-        item = self._items.popleft()
+        item = self._items.pop(0)
         if isinstance(item, Frame):
             self._bytes -= len(item.encoded)
         return item
