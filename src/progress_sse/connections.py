@@ -70,10 +70,13 @@ def sync_client(url: str, *, name: str = "progress-sse") -> redis.Redis:
 # The web's reads share this many connections. A call finding them all busy (a
 # thousand streams reopening after a deploy) waits for one, up to WEB_POOL_WAIT
 # seconds, instead of failing at once as redis-py's default pool does: each read is
-# a single round trip, so the queue moves fast. On a cluster each partition's
-# transactions have a pool of PARTITION_POOL_SIZE, each node's other reads one of
-# WEB_POOL_SIZE.
-WEB_POOL_SIZE = 32
+# a single round trip, so the queue moves fast, and streams opening together share
+# their reads (web/delivery.py SharedReads): 1,000 streams resuming at once after a
+# restart are served as fast with 8 connections as with 32 (docs/benchmarks.md).
+# redis-py's pool never closes a connection it opened, so this is also what the web
+# holds at rest after a burst. On a cluster each partition's transactions have a
+# pool of PARTITION_POOL_SIZE, each node's other reads one of WEB_POOL_SIZE.
+WEB_POOL_SIZE = 16
 PARTITION_POOL_SIZE = 8
 WEB_POOL_WAIT = 10.0
 
