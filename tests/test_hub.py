@@ -651,29 +651,34 @@ async def test_an_idle_stream_gets_live_frames_written_to_its_socket_without_wak
     await asyncio.sleep(0)  # the stream's task is parked in next()
     assert watcher.idle
 
-    first = Frame("t", 11, "progress", '{"current":1}', "e")
+    first, second = Frame("t", 11, "progress", '{"current":1}', "e"), Frame("t", 12, "progress", "{}", "e")
     watcher.deliver(first)
-    assert socket.written == [first.chunk(None)] and first.chunk(None).startswith(b"%x\r\n" % len(first.encoded))
-    assert at == {0: Position("e", 11)} and not sleeper.done(), "written, and the stream slept on"
+    watcher.deliver(second)
+    assert at == {0: Position("e", 12)} and socket.written == [], "taken now, written at the end of the turn"
+    await asyncio.sleep(0)
+    assert socket.written == [first.chunk(None) + second.chunk(None)], "the turn's frames in one write"
+    assert first.chunk(None).startswith(b"%x\r\n" % len(first.encoded)) and not sleeper.done()
 
-    watcher.deliver(Frame("t", 11, "progress", "{}", "e"))  # no news: at its place
-    watcher.deliver(Frame("u", 12, "progress", "{}", "e"))  # a task it no longer waits for
+    watcher.deliver(Frame("t", 12, "progress", "{}", "e"))  # no news: at its place
+    watcher.deliver(Frame("u", 13, "progress", "{}", "e"))  # a task it no longer waits for
+    await asyncio.sleep(0)
     assert len(socket.written) == 1 and not sleeper.done()
 
     socket.waiting = 64 * 1024  # the client stopped reading: back-pressure
-    pressed = Frame("t", 13, "progress", "{}", "e")
+    pressed = Frame("t", 14, "progress", "{}", "e")
     watcher.deliver(pressed)
     assert await sleeper == pressed, "queued, for the loop's own write with its timeout"
     socket.waiting = 0
-    watcher.deliver(Frame("t", 14, "progress", "{}", "e"))  # the stream's task is not waiting
+    watcher.deliver(Frame("t", 15, "progress", "{}", "e"))  # the stream's task is not waiting
     assert len(socket.written) == 1
 
     sleeper = asyncio.ensure_future(watcher.next())
     await asyncio.sleep(0)
-    assert await sleeper == Frame("t", 14, "progress", "{}", "e"), "behind the queued one, not overtaking it"
+    assert await sleeper == Frame("t", 15, "progress", "{}", "e"), "behind the queued one, not overtaking it"
     sleeper = asyncio.ensure_future(watcher.next())
     await asyncio.sleep(0)
-    end = Frame("t", 15, "success", "{}", "e")
-    watcher.deliver(end)
+    last, end = Frame("t", 16, "progress", "{}", "e"), Frame("t", 17, "success", "{}", "e")
+    watcher.deliver(last)
+    watcher.deliver(end)  # in the same turn: the stream's task wakes after the turn's write
     assert await sleeper == end, "an end is the loop's: the stream may be over"
-    assert len(socket.written) == 1
+    assert socket.written[-1] == last.chunk(None), "written before the woken task ran"

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from typing import Any
@@ -54,9 +55,13 @@ class Direct:
     hub's dispatch, without waking the stream's task (web/delivery.py `Live`):
     its transport, how it writes frames (`variant`), the places it has had
     (`at`, the dict the stream itself keeps), the tasks it still waits for, and
-    the time its token expires on the loop's clock."""
+    the time its token expires on the loop's clock.
 
-    __slots__ = ("at", "clock", "deadline", "high", "transport", "variant", "waiting")
+    The frames of one turn of the event loop (a burst the hub reads in one go)
+    are written together at its end (`_Flush`): one write per stream, not one
+    per frame, however many came."""
+
+    __slots__ = ("at", "chunks", "clock", "deadline", "flush", "high", "transport", "variant", "waiting")
 
     def __init__(
         self,
@@ -68,10 +73,49 @@ class Direct:
     ) -> None:
         self.transport, self.variant, self.at, self.waiting = transport, variant, at, waiting
         self.deadline = deadline
-        self.clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        self.clock = loop.time
         # Bytes waiting in the transport at which asyncio pauses the writer: above
         # them, the stream is under back-pressure, and its own loop writes.
         self.high = transport.get_write_buffer_limits()[1]
+        self.chunks: list[bytes] | None = None  # written at the end of this turn of the loop
+        self.flush = _flushes.setdefault(loop, _Flush(loop))
+
+    def write(self, chunk: bytes) -> None:
+        if self.chunks is None:
+            self.chunks = [chunk]
+            self.flush.add(self)
+        else:
+            self.chunks.append(chunk)
+
+
+class _Flush:
+    """The streams written to in this turn of an event loop, written once each at
+    its end. Scheduled with call_soon when the first of them is: a stream's task
+    woken later in the same turn runs after it, so it never overtakes these."""
+
+    __slots__ = ("loop", "pending", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.scheduled = loop, False
+        self.pending: list[Direct] = []
+
+    def add(self, direct: Direct) -> None:
+        self.pending.append(direct)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        for direct in pending:
+            chunks, direct.chunks = direct.chunks or [], None
+            if not direct.transport.is_closing():
+                direct.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+_flushes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flush] = weakref.WeakKeyDictionary()
 
 
 class Watcher:
@@ -183,7 +227,7 @@ class Watcher:
         now = direct.clock()
         if transport.is_closing() or transport.get_write_buffer_size() >= direct.high or now >= direct.deadline:
             return False
-        transport.write(frame.chunk(direct.variant))
+        direct.write(frame.chunk(direct.variant))
         direct.at[frame.partition] = frame.position  # type: ignore[assignment]  # it has an epoch
         self.last_write = now
         return True
