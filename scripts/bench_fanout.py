@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -147,6 +148,13 @@ def raise_fd_limit(needed: int) -> None:
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted, non-empty list."""
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+
+async def settle(ready: asyncio.Event, seconds: float) -> None:
+    """Wait for `ready` up to `seconds`; the caller reports how many got there."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await ready.wait()
 
 
 async def recv(conn: Connection, seconds: float, what: str) -> Any:
@@ -348,11 +356,7 @@ async def _clients_main(
             )
             for i, r in enumerate(results)
         ]
-        try:
-            async with asyncio.timeout(cfg["timeout"]):
-                await all_ready.wait()
-        except TimeoutError:
-            pass
+        await settle(all_ready, cfg["timeout"])
         conn.send({"ready": connected, "connect_s": time.monotonic() - start, "rss_kib": rss_kib()})
         cpu1 = cpu_seconds()
         lag = LoopLag()

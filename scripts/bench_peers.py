@@ -94,7 +94,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from multiprocessing.connection import Connection
@@ -123,6 +123,7 @@ from bench_fanout import (
     queue_tasks,
     raise_fd_limit,
     rss_kib,
+    settle,
     wait_for,
     warm_up,
 )
@@ -282,12 +283,18 @@ async def serve_control(conn: Connection, port: int, streams: Callable[[], dict[
         conn.send(reply)
 
 
-def serve_progress_sse(conn: Connection, settings: Settings, core: int | None) -> None:
-    """progress-sse: the real app, as bench_fanout and `progress-sse web` serve it."""
+def run_server(core: int | None, serve: Coroutine[Any, Any, None]) -> None:
+    """A server process's life: on its core, `serve` on the loop `progress-sse web`
+    would pick (`auto`: uvloop when installed)."""
     enter_server(core)
     loop = new_loop("auto")
     with asyncio.Runner(loop_factory=lambda: loop) as runner:
-        runner.run(_serve_progress_sse(conn, settings))
+        runner.run(serve)
+
+
+def serve_progress_sse(conn: Connection, settings: Settings, core: int | None) -> None:
+    """progress-sse: the real app, as bench_fanout and `progress-sse web` serve it."""
+    run_server(core, _serve_progress_sse(conn, settings))
 
 
 async def _serve_progress_sse(conn: Connection, settings: Settings) -> None:
@@ -435,10 +442,7 @@ def serve_peer(conn: Connection, settings: Settings, core: int | None) -> None:
 
 def serve_polling(conn: Connection, settings: Settings, core: int | None) -> None:
     """The polling baseline: `GET /tasks/<id>` answers the state hash's `latest`, one HGET."""
-    enter_server(core)
-    loop = new_loop("auto")
-    with asyncio.Runner(loop_factory=lambda: loop) as runner:
-        runner.run(_serve_polling(conn, settings))
+    run_server(core, _serve_polling(conn, settings))
 
 
 async def _serve_polling(conn: Connection, settings: Settings) -> None:
@@ -552,11 +556,7 @@ async def _pollers_main(conn: Connection, base: str, task_ids: list[str], count:
             asyncio.create_task(_poll(session, f"{base}/tasks/{task_ids[i % len(task_ids)]}", cfg, r, ready))
             for i, r in enumerate(results)
         ]
-        try:
-            async with asyncio.timeout(cfg["timeout"]):
-                await all_ready.wait()
-        except TimeoutError:
-            pass
+        await settle(all_ready, cfg["timeout"])
         conn.send({"ready": sum(bool(r.polls) for r in results)})
         cpu0 = cpu_seconds()
         _done, not_done = await asyncio.wait(runs, timeout=cfg["deliver_timeout"])

@@ -44,7 +44,7 @@ from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
 from .access import GRANT, Access, authorize, authorize_watch, frame_variant
 from .errors import UNAVAILABLE, error
-from .hub import Direct, Hub, Hubs, Signal, Watcher
+from .hub import Direct, Hub, Hubs, Signal, Watcher, news
 from .incidents import Incidents
 from .store import Start, Store
 
@@ -242,15 +242,11 @@ class Live:
                         pinged = True
                         continue
                     if isinstance(item, Frame):
-                        if item.task_id not in tasks():
-                            continue  # a task the stream has stopped waiting for
-                        mine = at.get(item.partition)
-                        if mine is not None and item.epoch == mine.epoch:
-                            if item.seq > mine.n:
-                                batch.append(item)
-                                at[item.partition] = item.position  # type: ignore[assignment]  # it has an epoch
-                            continue
-                        if (item.partition, item.epoch) in left:
+                        verdict = news(item, at, tasks())
+                        if verdict:
+                            batch.append(item)
+                            at[item.partition] = item.position  # type: ignore[assignment]  # it has an epoch
+                        if verdict is not None or (item.partition, item.epoch) in left:
                             continue
                     # A resync, or a frame of a history this stream has not seen: read
                     # where its tasks stand since its position.

@@ -50,6 +50,21 @@ class Signal(enum.Enum):
 Item = Frame | Signal
 
 
+def news(frame: Frame, at: dict[int, Position], waiting: Collection[str]) -> bool | None:
+    """What a live frame is to a stream that stands at `at` (a place per partition)
+    and waits for the tasks `waiting`: True, news to send (it moves the place);
+    False, none (a task it no longer waits for, or at or before its place); None,
+    of a history the stream has no place in, so only a read of where it stands
+    can tell. The one rule for the hub's writes (Watcher) and the stream's loop
+    (web/delivery.py Live.batches)."""
+    if frame.task_id not in waiting:
+        return False
+    mine = at.get(frame.partition)
+    if mine is None or frame.epoch != mine.epoch:
+        return None
+    return frame.seq > mine.n
+
+
 class Direct:
     """What it takes to write a frame straight to an idle stream's socket, from the
     hub's dispatch, without waking the stream's task (web/delivery.py `Live`):
@@ -218,10 +233,12 @@ class Watcher:
         of a stalled client), or a token that has expired."""
         direct = self.direct
         assert direct is not None
-        at = direct.at.get(frame.partition)
-        if at is None or frame.epoch != at.epoch or frame.terminal or frame.partition in self._held:
+        if frame.terminal or frame.partition in self._held:
             return False
-        if frame.seq <= at.n or frame.task_id not in direct.waiting():
+        verdict = news(frame, direct.at, direct.waiting())
+        if verdict is None:
+            return False
+        if not verdict:
             return True  # no news to this stream
         transport = direct.transport
         now = direct.clock()
