@@ -367,7 +367,11 @@ async def test_after_a_real_history_loss_the_page_redraws_and_a_lost_task_waits_
             await page.page.evaluate("(ids) => localStorage.setItem('progress-sse:watched', ids)", watched)
             await page.page.reload()
             await page.card(quiet).locator(".task-count", has_text="10 of 20").wait_for(timeout=5_000)
-            await wait_until(lambda: srv.app[HUB].watcher_count == 1, what="the page's stream")
+            # Not just registered: its first read done and sent, it waits for news. A
+            # history lost before that read would make the tasks unknown, not lost.
+            await wait_until(
+                lambda: [w.idle for w in srv.app[HUB].watchers] == [True], what="the page's stream, waiting"
+            )
 
             # A Redis restart without its data: every key gone; `running` goes on in a new history.
             redis_client.delete(*redis_client.scan_iter(match=f"{own.key_prefix}:*"))
