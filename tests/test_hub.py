@@ -27,6 +27,7 @@ from progress_sse.config import Settings
 from progress_sse.cursors import Position, parse_id
 from progress_sse.events import Frame, make_event
 from progress_sse.keys import Keys
+from progress_sse.task_names import NameFilter
 from progress_sse.web.hub import Hub, HubUnavailable, Item, Signal, Watcher
 from progress_sse.web.store import Store
 from progress_sse.worker.publisher import Publisher
@@ -682,3 +683,51 @@ async def test_an_idle_stream_gets_live_frames_written_to_its_socket_without_wak
     watcher.deliver(end)  # in the same turn: the stream's task wakes after the turn's write
     assert await sleeper == end, "an end is the loop's: the stream may be over"
     assert socket.written[-1] == last.chunk(None), "written before the woken task ran"
+
+
+async def test_the_feed_repeats_its_events_numbers_without_taking_that_for_a_lost_history(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
+) -> None:
+    """A feed entry is announced right after its task's event, under the same number:
+    one hub hearing both must not take the second for a sequence that went back."""
+    h = await make_hub()
+    task_id = new_task()
+    feed = h.hub.feed_watcher(NameFilter(("demo.",)))
+    async with h.hub.watch([task_id]) as watcher, h.hub.watch((), feed, feed=True):
+        sent = [publish(publisher, task_id, state) for state in ("queued", "started")]
+        for frame in sent:
+            await expect_frame(watcher, frame)
+            fed = await expect_frame(feed, frame)
+            assert fed.name == "demo.count"
+        assert await drain(watcher) == [] and await drain(feed) == [], "no resync, nothing else"
+
+
+async def test_a_feed_watcher_gets_the_names_it_shows_only(
+    make_hub: Callable[..., Awaitable[HubUnderTest]], publisher: Publisher
+) -> None:
+    h = await make_hub()
+    other = h.hub.feed_watcher(NameFilter(("reports.",)))
+    mine = h.hub.feed_watcher(NameFilter(("demo.count",)))
+    async with h.hub.watch((), other, feed=True), h.hub.watch((), mine, feed=True):
+        shown = publish(publisher, new_task(), "queued")
+        await expect_frame(mine, shown)
+        report = make_event(new_task(), "reports.daily", "queued")
+        assert publisher.publish(report) is not None
+        (item,) = [await expect(other, "the report")]
+        assert isinstance(item, Frame) and item.task_id == report["task_id"]
+        assert await drain(mine) == [] and await drain(other) == []
+
+
+def test_a_feed_whose_sequence_started_over_begins_again(
+    publisher: Publisher, keys: Keys, redis_client: redis.Redis
+) -> None:
+    """The history's hash alone was lost: numbers start over below the feed's last
+    entry, which a stream log refuses. The feed of the lost history goes, and the
+    write goes on (no cursor can resume in it any more)."""
+    first = new_task()
+    for state in ("queued", "started", "progress"):
+        publish(publisher, first, state)
+    redis_client.delete(keys.history())
+    again = publish(publisher, new_task(), "queued")
+    entries = redis_client.xrange(keys.feed_log())
+    assert [(entry_id, fields["e"]) for entry_id, fields in entries] == [(f"{again.seq}-0", again.epoch)]

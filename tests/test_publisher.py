@@ -322,8 +322,19 @@ def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_
         "same-event-id",
         "",
         "aaaaaaaa",
+        1000,
+        100,
+        "demo",
+        keys.feed_channel(),
     ]
-    script_keys = [keys.state(task_id), keys.log(task_id), keys.history(), keys.recent(), keys.queued()]
+    script_keys = [
+        keys.state(task_id),
+        keys.log(task_id),
+        keys.history(),
+        keys.recent(),
+        keys.queued(),
+        keys.feed_log(),
+    ]
     first = publisher._append(keys=script_keys, args=args)
     again = publisher._append(keys=script_keys, args=args)
     assert first == again

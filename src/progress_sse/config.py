@@ -37,6 +37,10 @@ class Settings:
     heartbeat: float = 15.0
     history_ttl: int = 86_400
     history_max: int = 10_000
+    # The all-tasks feed (web/feed.py): at most one progress entry per task in this
+    # many seconds, and entries kept per partition.
+    feed_interval: float = 1.0
+    feed_max: int = 10_000
     max_rate: float = 20.0
     key_prefix: str = "progress-sse"
     queue: str = "celery"
@@ -353,6 +357,13 @@ TABLE: tuple[Setting, ...] = (
         "history_max", "PROGRESS_SSE_HISTORY_MAX", _positive_int, "events kept per task (the log is capped, roughly)"
     ),
     Setting("max_rate", "PROGRESS_SSE_MAX_RATE", _positive_float, "progress publishes per second per task"),
+    Setting(
+        "feed_interval",
+        "PROGRESS_SSE_FEED_INTERVAL",
+        _positive_float,
+        "seconds between a task's progress entries on the all-tasks feed",
+    ),
+    Setting("feed_max", "PROGRESS_SSE_FEED_MAX", _positive_int, "entries the all-tasks feed keeps (per partition)"),
     Setting(
         "key_prefix",
         "PROGRESS_SSE_KEY_PREFIX",

@@ -170,6 +170,8 @@ class Frame:
     epoch: str | None
     partition: int = 0
     cursor: str | None = None
+    # The task's name, on the all-tasks feed (web/feed.py), which filters by it.
+    name: str | None = None
     encoded: bytes = field(init=False, repr=False, compare=False)
     # The frame without its `id:` line: encoded once, shared by its copies of other cursors.
     body: bytes = field(init=False, repr=False, compare=False)
@@ -194,7 +196,18 @@ class Frame:
         """The frame as one stream sends it, with that stream's `cursor` as its id
         (on a cluster: web/delivery.py `stamp`). Its body is not encoded again."""
         copy: Frame = object.__new__(Frame)
-        for name in ("task_id", "seq", "state", "data", "epoch", "partition", "position", "body", "_watcher_bodies"):
+        for name in (
+            "task_id",
+            "seq",
+            "state",
+            "data",
+            "epoch",
+            "partition",
+            "name",
+            "position",
+            "body",
+            "_watcher_bodies",
+        ):
             object.__setattr__(copy, name, getattr(self, name))
         object.__setattr__(copy, "cursor", cursor)
         object.__setattr__(copy, "encoded", copy._id_line() + self.body)
@@ -250,11 +263,14 @@ class Frame:
 # Why a stream starts over from current states: the `reason` of its reset frame.
 HISTORY_LOST = "history_lost"  # the history the open stream followed is gone
 CURSOR_UNKNOWN = "cursor_unknown"  # the client's cursor names no place in the current one
+FEED_TRIMMED = "feed_trimmed"  # the all-tasks feed no longer holds what came after the cursor
 _RESET_MESSAGES = {
     HISTORY_LOST: "The event history started over (Redis restarted, failed over to another node, or "
     "lost its data): earlier event ids no longer count. The states that follow are current.",
     CURSOR_UNKNOWN: "The cursor (Last-Event-ID) names no place in the current event history: it is "
     "from a history that was lost, or from another server. The states that follow are current.",
+    FEED_TRIMMED: "The feed no longer holds the events after the cursor (Last-Event-ID): it keeps the "
+    "latest PROGRESS_SSE_FEED_MAX. The states that follow are current.",
 }
 
 

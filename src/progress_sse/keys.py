@@ -86,6 +86,11 @@ class Keys:
         """Hash: the task's latest event, its cursor and what is known of the task."""
         return f"{self._task(task_id)}:state"
 
+    def state_key_parts(self, partition: int) -> tuple[str, str]:
+        """A state key of the partition's tasks before and after the task id: for a
+        script that reads the states of the ids it finds in an index (web/feed.py)."""
+        return f"{self._roots[partition]}:task:{{", "}:state"
+
     def log(self, task_id: str) -> str:
         """Stream: every event of the task, entry id `<seq>-0`."""
         return f"{self._task(task_id)}:log"
@@ -130,6 +135,15 @@ class Keys:
         """Kept subscribed by the partition's subscriber, so its connection is never
         idle-empty (in the partition's slot: a sharded subscription is to one slot's node)."""
         return f"{self._roots[partition]}:hub"
+
+    def feed_log(self, partition: int = 0) -> str:
+        """Stream: the partition's entries of the all-tasks feed (web/feed.py), each
+        under its event's own number (`<seq>-0`), capped at PROGRESS_SSE_FEED_MAX."""
+        return f"{self._roots[partition]}:feed:log"
+
+    def feed_channel(self, partition: int = 0) -> str:
+        """Where the write script announces what it adds to the feed."""
+        return f"{self._roots[partition]}:feed:events"
 
     def queued(self, partition: int = 0) -> str:
         """Sorted set: the partition's ids of tasks whose state is `queued`, scored by

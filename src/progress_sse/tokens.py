@@ -6,6 +6,8 @@ A token says what its bearer may do, and until when (`exp`, required):
 - `groups`: the same for Celery groups, and their members;
 - `start`: the task names it may start;
 - `cancel`: it may also cancel the tasks it may watch;
+- `feed`: the task names it may see on the all-tasks feed, exactly or by prefix
+  (`reports.`: see task_names.py);
 - `operator`: everything, including the list of recent tasks and tracebacks;
 - `sub`: optional, who it was minted for (for logs).
 
@@ -21,12 +23,14 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .task_names import NameFilter, PatternError
 
 SECRET_ENV = "PROGRESS_SSE_SECRET"
 MIN_SECRET_LENGTH = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
@@ -62,6 +66,8 @@ class Grant:
     cancel: bool = False
     operator: bool = False
     subject: str | None = None
+    # The names it may see on the all-tasks feed; empty: none (an operator: all).
+    feed: NameFilter = field(default_factory=NameFilter)
 
     def may_watch(self, task_id: str, group: str | None = None) -> bool:
         """A task it lists, or a member of a group it lists (`group`: the task's)."""
@@ -75,6 +81,18 @@ class Grant:
 
     def may_cancel(self, task_id: str) -> bool:
         return self.operator or (self.cancel and task_id in self.tasks)
+
+    def feed_refusal(self, wanted: NameFilter) -> str | None:
+        """None when this grant may see the feed through `wanted`, else why not."""
+        if self.operator:
+            return None
+        if self.feed.everything:
+            return "This token may not see the all-tasks feed: it has neither a feed scope nor the operator scope."
+        if wanted.within(self.feed):
+            return None
+        return (
+            f"This token may see the feed of {self.feed} only, not of {wanted}: ask with ?name= within its feed scope."
+        )
 
     def refusal(self, scope: str, items: Sequence[str] = (), groups: Mapping[str, str] | None = None) -> str | None:
         """None when this grant covers `scope` for every one of `items`; otherwise
@@ -132,6 +150,26 @@ def start_token(
     token for each task it starts)."""
     _not_one_string(names, "names")
     return _mint({"start": sorted(set(names))}, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
+
+
+def feed_token(
+    names: Iterable[str],
+    *,
+    ttl: float = DEFAULT_TTL,
+    subject: str | None = None,
+    key: Any = None,
+    algorithm: str = "HS256",
+) -> str:
+    """A token to see the all-tasks feed of these task names (`reports.`: every
+    name that starts so), for a dashboard that is not an operator's."""
+    _not_one_string(names, "names")
+    try:
+        patterns = NameFilter.parse(names).patterns
+    except PatternError as exc:
+        raise TokenError(str(exc)) from None
+    if not patterns:
+        raise TokenError("A feed token names at least one task name or prefix.")
+    return _mint({"feed": list(patterns)}, ttl=ttl, subject=subject, key=key, algorithm=algorithm)
 
 
 def operator_token(
@@ -248,6 +286,10 @@ def _grant(claims: dict[str, Any]) -> Grant:
         return value
 
     subject = claims.get("sub")
+    try:
+        feed = NameFilter.parse(sorted(names("feed")))
+    except PatternError as exc:
+        raise TokenError(f"The token's 'feed' claim is not valid: {exc}") from None
     return Grant(
         expires=float(claims["exp"]),
         tasks=names("tasks"),
@@ -256,4 +298,5 @@ def _grant(claims: dict[str, Any]) -> Grant:
         cancel=flag("cancel"),
         operator=flag("operator"),
         subject=subject if isinstance(subject, str) else None,
+        feed=feed,
     )

@@ -29,6 +29,7 @@ from aiohttp import web
 
 from ..config import Settings, is_loopback
 from ..events import for_watcher
+from ..task_names import NameFilter
 from ..tokens import DEFAULT_TTL, Grant, TokenError, verify, watch_token
 from .cors import Cors
 from .errors import Handler, error
@@ -134,12 +135,26 @@ def authorize(
     grant = request[GRANT]
     reason = grant.refusal(scope, items, groups)
     if reason is not None:
-        raise error(
-            web.HTTPForbidden,
-            reason,
-            headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
-        )
+        raise _forbidden(reason, scope)
     return grant
+
+
+def authorize_feed(request: web.Request, names: NameFilter) -> Grant:
+    """The request's grant if it may see the all-tasks feed of `names` (an operator,
+    or a token whose feed scope covers them), else 403 with the reason."""
+    grant = request[GRANT]
+    reason = grant.feed_refusal(names)
+    if reason is not None:
+        raise _forbidden(reason, "feed")
+    return grant
+
+
+def _forbidden(reason: str, scope: str) -> web.HTTPException:
+    return error(
+        web.HTTPForbidden,
+        reason,
+        headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
+    )
 
 
 async def authorize_watch(request: web.Request, store: Store, task_ids: Sequence[str]) -> Grant:

@@ -21,7 +21,7 @@ from ..connections import hub_clients, keys_for, partition_clients, web_client
 from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
-from . import handlers, pages, reaper
+from . import feed, handlers, pages, reaper
 from .access import Access, guard
 from .access_log import TokenlessAccessLogger
 from .context import ACCESS, ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS, STORE, STREAMS
@@ -59,6 +59,7 @@ CORS_ROUTES = frozenset(
         ("POST", "tasks"),
         ("GET", "task_events"),
         ("GET", "events"),
+        ("GET", "feed"),
         ("GET", "group"),
         ("GET", "group_events"),
     }
@@ -104,6 +105,7 @@ def create_app(
         ("/tasks/{task_id}", "task"): {"GET": handlers.task_state, "DELETE": handlers.cancel_task},
         ("/tasks/{task_id}/events", "task_events"): {"GET": handlers.task_events},
         ("/events", "events"): {"GET": handlers.many_events},
+        ("/feed", "feed"): {"GET": feed.serve},
         ("/groups/{group_id}", "group"): {"GET": handlers.group_state},
         ("/groups/{group_id}/events", "group_events"): {"GET": handlers.group_events},
         ("/healthz", "healthz"): {"GET": handlers.healthz},

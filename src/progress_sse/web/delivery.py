@@ -42,11 +42,12 @@ from aiohttp import web
 from .. import cursors
 from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
-from .access import GRANT, Access, authorize, authorize_watch, frame_variant
+from ..task_names import NameFilter
+from .access import GRANT, Access, authorize, authorize_feed, authorize_watch, frame_variant
 from .errors import UNAVAILABLE, error
 from .hub import Direct, Hub, Hubs, Signal, Watcher, news
 from .incidents import Incidents
-from .store import Start, Store
+from .store import Catchup, Start, Store
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,24 @@ class Live:
         return stamp(frames, places, composite=self.composite)
 
     async def batches(
-        self, tasks: Callable[[], Collection[str]], places: Places, *, direct: bool = False
+        self,
+        tasks: Callable[[], Collection[str]],
+        places: Places,
+        *,
+        direct: bool = False,
+        catchup: Callable[[Places], Awaitable[Catchup]] | None = None,
+        restart: Callable[[str], Awaitable[tuple[Batch, Places]]] | None = None,
     ) -> AsyncGenerator[Batch, None]:
         """`places`: where the stream stands in each of its tasks' partitions, once
         what it sent first (a Start's frames) is sent: its frames' ids go on from
         there. `direct`: the hub may write live frames of `tasks` as they are
         (not for a group's stream, which sends aggregates; not on a cluster, where
-        each stream gives a frame its own id)."""
+        each stream gives a frame its own id). `catchup` reads what came after the
+        stream's places, and `restart` starts it over after its history was lost:
+        by default from `tasks`' logs and states (the all-tasks feed reads its own,
+        web/feed.py)."""
+        catchup = catchup or (lambda at: self.store.after(tasks(), at))
+        restart = restart or (lambda reason: self.reset(tasks(), reason))
         at = dict(places)  # what the stream has: a live frame at or before it is no news
         # What the ids of the frames sent so far say it has (a cluster's: see `stamp`).
         ids = dict(places) if self.composite else {}
@@ -250,16 +262,16 @@ class Live:
                             continue
                     # A resync, or a frame of a history this stream has not seen: read
                     # where its tasks stand since its position.
-                    catchup = await self.store.after(tasks(), at)
-                    if not catchup.lost:
-                        batch += catchup.frames
-                        at.update(catchup.upto)
+                    caught = await catchup(at)
+                    if not caught.lost:
+                        batch += caught.frames
+                        at.update(caught.upto)
                         continue
                     if batch:
                         yield Batch(self.stamped(batch, ids))
                         batch = []
                     left.update((p, place.epoch) for p, place in at.items())
-                    reset, upto = await self.reset(tasks(), HISTORY_LOST)
+                    reset, upto = await restart(HISTORY_LOST)
                     at.clear()
                     at.update(upto)
                     ids = dict(upto) if self.composite else {}
@@ -406,12 +418,14 @@ class EventStream:
         task_ids: Sequence[str] | Callable[[], Awaitable[Sequence[str]]],
         *,
         group: str | None = None,
+        feed: NameFilter | None = None,
     ) -> AsyncIterator[Opened]:
-        """Where every stream starts, one task's, many tasks' or a group's (and every
-        reconnect): its task ids, its watcher, subscribed, and the client's cursor.
+        """Where every stream starts, one task's, many tasks', a group's or the
+        all-tasks feed (of the names `feed` lets through; web/feed.py), and every
+        reconnect: its task ids, its watcher, subscribed, and the client's cursor.
         What each stream must check before it reads or watches anything belongs
-        here, once, at the top: the token's scope (every task listed, or the
-        group), before even a group's members are looked up (a callable
+        here, once, at the top: the token's scope (every task listed, the group,
+        or the feed's names), before even a group's members are looked up (a callable
         `task_ids`), so no answer, not even a 404, comes before it.
 
         Here too, once for every stream: a HEAD gets the headers alone; a stream
@@ -419,7 +433,9 @@ class EventStream:
         answering before the response began) gets `try_later`; a client that
         stopped reading is let go quietly."""
         try:
-            if group is not None:
+            if feed is not None:
+                authorize_feed(request, feed)
+            elif group is not None:
                 authorize(request, "groups", [group])
             elif not callable(task_ids):
                 await authorize_watch(request, self.store, task_ids)  # one id outside the scope refuses it all
@@ -440,7 +456,10 @@ class EventStream:
         try:
             cursor = parse_cursor(request, self.store.keys.partitions)
             ids = list(await task_ids()) if callable(task_ids) else list(task_ids)
-            async with self.hub.watch(ids) as watcher:
+            watching = (
+                self.hub.watch(ids) if feed is None else self.hub.watch((), self.hub.feed_watcher(feed), feed=True)
+            )
+            async with watching as watcher:
                 stream = Opened(request, self, watcher, ids, cursor)
                 yield stream
         except ClientStalled as exc:

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from ..cursors import Position, parse_id
 from ..events import Frame
 from ..keys import Keys
+from ..task_names import NameFilter
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,23 @@ class Watcher:
         return item
 
 
+class FeedWatcher(Watcher):
+    """The inbox of an all-tasks feed (web/feed.py): the hub's feed frames of the
+    names it shows. The others never reach it, so they neither take room in it
+    nor move its place: a cursor of the feed covers what it showed."""
+
+    __slots__ = ("names",)
+
+    def __init__(self, names: NameFilter, *, limit: int) -> None:
+        super().__init__((), limit=limit)
+        self.names = names
+
+    def deliver(self, item: Item) -> None:
+        if isinstance(item, Frame) and not self.names.match(item.name):
+            return
+        super().deliver(item)
+
+
 class _Channel:
     __slots__ = ("ready", "watchers")
 
@@ -337,6 +355,7 @@ class Hub:
         self._dropping: Counter[str] = Counter()  # sunsubscribes asked for, not yet answered
         self._keys = keys
         self.partition = partition
+        self._feed = keys.feed_channel(partition)
         self._buffer = buffer
         self._subscribe_timeout = subscribe_timeout
         self._idle_ping = idle_ping
@@ -405,6 +424,9 @@ class Hub:
         for watcher in list(self._watchers):
             watcher.close()
 
+    def feed_watcher(self, names: NameFilter) -> FeedWatcher:
+        return FeedWatcher(names, limit=self._buffer)
+
     @property
     def watchers(self) -> frozenset[Watcher]:
         return frozenset(self._watchers)
@@ -418,12 +440,15 @@ class Hub:
         return {self._keys.task_of_channel(c) for c in self._channels}
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_ids: Iterable[str], watcher: Watcher | None = None) -> AsyncIterator[Watcher]:
+    async def watch(
+        self, task_ids: Iterable[str], watcher: Watcher | None = None, *, feed: bool = False
+    ) -> AsyncIterator[Watcher]:
         """A watcher of `task_ids`, subscribed; or, given `watcher` (a stream whose
-        tasks are in several partitions: Hubs), that one, for these of its tasks."""
+        tasks are in several partitions: Hubs), that one, for these of its tasks.
+        With `feed`, `watcher` takes the partition's all-tasks feed instead."""
         task_ids = frozenset(task_ids)
         watcher = watcher or Watcher(task_ids, limit=self._buffer)
-        channels = [self._keys.channel(t) for t in task_ids]
+        channels = [self._feed] if feed else [self._keys.channel(t) for t in task_ids]
         self._watchers.add(watcher)
         for name in channels:
             channel = self._channels.get(name)
@@ -526,30 +551,36 @@ class Hub:
                     del self._dropping[message["channel"]]
 
     def _dispatch(self, name: str, data: str) -> None:
+        feed = name == self._feed
         try:
-            id, state, payload = data.split("\n", 2)
+            if feed:  # the write script announces a feed entry right after its task's event
+                id, state, task_id, task_name, payload = data.split("\n", 4)
+            else:
+                id, state, payload = data.split("\n", 2)
+                task_id, task_name = self._keys.task_of_channel(name), None
             position = parse_id(id)
         except ValueError:
             # Not ours (someone PUBLISHed by hand): drop it, never let it stop the hub.
             log.warning("progress-sse ignored a malformed message on %s: %.80r", name, data)
             return
-        self._follow(position)
+        self._follow(position, again=feed)
         channel = self._channels.get(name)
         if channel is None:
             return  # unsubscribed meanwhile
-        frame = Frame(self._keys.task_of_channel(name), position.n, state, payload, position.epoch, self.partition)
+        frame = Frame(task_id, position.n, state, payload, position.epoch, self.partition, name=task_name)
         for watcher in channel.watchers:
             watcher.deliver(frame)
 
-    def _follow(self, position: Position) -> None:
-        """Messages come in the order their numbers were given out. One of another
+    def _follow(self, position: Position, *, again: bool = False) -> None:
+        """Messages come in the order their numbers were given out (`again`: a feed
+        entry, which may repeat the number its task's event just had). One of another
         history, or numbered at or below the last one heard, means the history was
         lost (a restart without data, a failover to a replica that lagged): every
         stream then reads where it stands, and starts over if its history is gone.
         A sequence that went back first gets a new epoch, so that no cursor handed
         out before can pass for a position in what follows."""
         last, self._last = self._last, position
-        if last is None or (position.epoch == last.epoch and position.n > last.n):
+        if last is None or (position.epoch == last.epoch and (position.n > last.n or (again and position.n == last.n))):
             return
         log.warning("progress-sse: the event history changed (%s after %s): streams start over", position, last)
         if position.epoch == last.epoch and self._new_epoch is not None:
@@ -658,6 +689,9 @@ class Hubs:
         for hub in self.hubs:
             hub.close_watchers()
 
+    def feed_watcher(self, names: NameFilter) -> FeedWatcher:
+        return FeedWatcher(names, limit=self._buffer)
+
     @property
     def running(self) -> bool:
         return all(hub.running for hub in self.hubs)
@@ -675,14 +709,18 @@ class Hubs:
         return sum(hub.connections for hub in self.hubs)
 
     @contextlib.asynccontextmanager
-    async def watch(self, task_ids: Iterable[str]) -> AsyncIterator[Watcher]:
-        watcher = Watcher(task_ids, limit=self._buffer)
+    async def watch(
+        self, task_ids: Iterable[str], watcher: Watcher | None = None, *, feed: bool = False
+    ) -> AsyncIterator[Watcher]:
+        watcher = watcher or Watcher(task_ids, limit=self._buffer)
         by_partition: dict[int, list[str]] = {}
         for task_id in watcher.task_ids:
             by_partition.setdefault(self._keys.partition_of(task_id), []).append(task_id)
+        if feed:  # every partition's feed
+            by_partition = {p: [] for p in range(len(self.hubs))}
         async with contextlib.AsyncExitStack() as watching:
             for partition, ids in sorted(by_partition.items()):
-                await watching.enter_async_context(self.hubs[partition].watch(ids, watcher))
+                await watching.enter_async_context(self.hubs[partition].watch(ids, watcher, feed=feed))
             self.generation += 1
             watcher.confirmed = self.generation
             yield watcher

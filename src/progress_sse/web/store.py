@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -110,7 +110,7 @@ class Store:
             found.setdefault(self.keys.partition_of(task_id), []).append(task_id)
         return found
 
-    async def _read(self, partition: int, queue: Any) -> tuple[_History, list[Any]]:
+    async def read(self, partition: int, queue: Any) -> tuple[History, list[Any]]:
         """One transaction on the partition: where its history stands (history.py),
         then what `queue(pipe)` asks. EVAL of the script's text, not a registered
         script: redis-py sends SCRIPT EXISTS before every pipeline that holds one, a
@@ -119,7 +119,7 @@ class Store:
         pipe.eval(READ_LUA, 1, self.keys.history(partition), new_epoch())
         queue(pipe)
         history, *replies = await pipe.execute()
-        return _History(*history), replies
+        return History(*history), replies
 
     async def start(
         self, task_ids: Sequence[str], cursor: Cursor | None, fresh: Iterable[str] = (), *, replay: bool = True
@@ -131,7 +131,7 @@ class Store:
         stream sends an aggregate, which is a state)."""
         fresh = frozenset(fresh)
         tasks_in = self.by_partition(task_ids)
-        numbers = _numbers(cursor, tasks_in) if replay else {}
+        numbers = cursor_numbers(cursor, tasks_in) if replay else {}
         # A composite cursor's digest covers every partition it lists: all are read.
         listed = [p for p, _ in cursor.numbers] if isinstance(cursor, Sealed) else []
         partitions = sorted(set(tasks_in) | set(listed))
@@ -150,9 +150,9 @@ class Store:
 
             return reads
 
-        read = await asyncio.gather(*(self._read(p, queue(p)) for p in partitions))
+        read = await asyncio.gather(*(self.read(p, queue(p)) for p in partitions))
         histories = {p: history for p, (history, _) in zip(partitions, read, strict=True)}
-        base = _opened(cursor, histories, tasks_in)
+        base = opened_places(cursor, histories, tasks_in)
         # A cursor of another history, from the future (another Redis, or one that
         # lagged) or no cursor at all: current states, after a reset frame.
         resumed = base is not None
@@ -206,10 +206,7 @@ class Store:
     async def after(self, task_ids: Iterable[str], places: Places) -> Catchup:
         """Every event of these tasks after `places`, in order within each partition,
         and the new places; or, when the history of one of the places is gone
-        (another epoch now, or a sequence that went back: a replica that lagged),
-        `lost`. A sequence that went back is given a new epoch at once, so no
-        cursor of the old one passes for a position in what follows
-        (docs/protocol.md, "Cursors")."""
+        (`lost`), that."""
         tasks_in = self.by_partition(task_ids)
         partitions = sorted(p for p in tasks_in if p in places)
 
@@ -223,18 +220,16 @@ class Store:
 
             return reads
 
-        read = await asyncio.gather(*(self._read(p, queue(p)) for p in partitions))
+        read = await asyncio.gather(*(self.read(p, queue(p)) for p in partitions))
         upto = dict(places)
         frames: list[Frame] = []
         lost = False
         for partition, (history, replies) in zip(partitions, read, strict=True):
-            now, was = history.upto, places[partition]
-            upto[partition] = now
-            if now.epoch != was.epoch or now.n < was.n:
-                if now.epoch == was.epoch:
-                    await self.new_epoch(now.epoch, partition)
+            upto[partition] = history.upto
+            if await self.lost(partition, history, places[partition]):
                 lost = True
                 continue
+            now = history.upto
             per_task = [
                 _frames(task_id, entries, now.epoch, partition)
                 for task_id, epoch, entries in zip(tasks_in[partition], replies[::2], replies[1::2], strict=True)
@@ -244,6 +239,18 @@ class Store:
         if lost:
             return Catchup([], upto, lost=True)
         return Catchup(frames, upto, lost=False)
+
+    async def lost(self, partition: int, history: History, was: Position) -> bool:
+        """Whether the history of a stream's place `was` in the partition is gone
+        (another epoch now, or a sequence that went back: a replica that lagged). A
+        sequence that went back is given a new epoch at once, so no cursor of the
+        old one passes for a position in what follows (docs/protocol.md, "Cursors")."""
+        now = history.upto
+        if now.epoch == was.epoch and now.n >= was.n:
+            return False
+        if now.epoch == was.epoch:
+            await self.new_epoch(now.epoch, partition)
+        return True
 
     async def new_epoch(self, lost: str, partition: int = 0) -> str:
         """Give the partition's history a new name if it is still called `lost`; the
@@ -316,11 +323,12 @@ def _frames(task_id: str, entries: list[tuple[str, dict[str, str]]], epoch: str,
     return [Frame(task_id, _seq(entry_id), f["s"], f["d"], epoch, partition) for entry_id, f in entries]
 
 
-def _numbers(cursor: Cursor | None, tasks_in: dict[int, list[str]]) -> dict[int, int]:
+def cursor_numbers(cursor: Cursor | None, partitions: Iterable[int]) -> dict[int, int]:
     """After which number each partition's logs are read for `cursor`, before it is
-    known whether the cursor is a place in the current histories."""
+    known whether the cursor is a place in the current histories (`0`: from the
+    start in each of `partitions`)."""
     if cursor == STARTS:  # `0`, parsed or not
-        return dict.fromkeys(tasks_in, 0)
+        return dict.fromkeys(partitions, 0)
     if isinstance(cursor, Position):
         return {0: cursor.n}
     if isinstance(cursor, Sealed):
@@ -328,7 +336,9 @@ def _numbers(cursor: Cursor | None, tasks_in: dict[int, list[str]]) -> dict[int,
     return {}
 
 
-def _opened(cursor: Cursor | None, histories: dict[int, _History], tasks_in: dict[int, list[str]]) -> Places | None:
+def opened_places(
+    cursor: Cursor | None, histories: dict[int, History], tasks_in: Mapping[int, Collection[str]]
+) -> Places | None:
     """The client's cursor as places in the stream's partitions, if it is one in the
     current histories: none of its numbers is of a lost history or from the future."""
     if cursor == STARTS:  # `0`, parsed or not
@@ -344,8 +354,8 @@ def _opened(cursor: Cursor | None, histories: dict[int, _History], tasks_in: dic
     return {p: at for p, at in places.items() if p in tasks_in}
 
 
-class _History:
-    """READ_LUA's reply (src/progress_sse/history.py)."""
+class History:
+    """Where a partition's history stands: READ_LUA's reply (src/progress_sse/history.py)."""
 
     __slots__ = ("age", "since", "upto")
 

@@ -51,7 +51,7 @@ def _append_script(publish: str) -> str:
     return (
         HISTORY_LUA
         + f"""
-local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch', 'events', 'renewed')
+local cur = redis.call('HMGET', KEYS[1], 'state', 'eid', 'seq', 'epoch', 'events', 'renewed', 'name', 'fed')
 local prev = cur[1]
 if prev then
   -- The same call again (redis-py retried after a reply was lost): already stored.
@@ -79,17 +79,27 @@ end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
 -- Everything the state hash learns, in one HSET.
 local fields = {{'state', ARGV[3], 'seq', seq, 'epoch', epoch, 'latest', ARGV[4], 'eid', ARGV[8], 'events', events + 1}}
-local now = tonumber(redis.call('TIME')[1])
+local time = redis.call('TIME')
+local now = tonumber(time[1])
 local renew = not renewed or now - renewed >= ttl * {RENEW_AFTER} or {_ENDS}
 if renew then
   fields[#fields + 1] = 'renewed'
   fields[#fields + 1] = now
 end
+-- The all-tasks feed takes every change of state, and a task's progress at most
+-- once an interval (ARGV[11], ms): its readers want to see tasks, not every step.
+local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
+local fed = tonumber(cur[8])
+local feed = ARGV[3] ~= 'progress' or not fed or now_ms - fed >= tonumber(ARGV[11])
+if feed then
+  fields[#fields + 1] = 'fed'
+  fields[#fields + 1] = now_ms
+end
 if not prev then
   fields[#fields + 1] = 'created_at'
   fields[#fields + 1] = ARGV[7]
 end
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 15, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 if not prev then
   redis.call('ZADD', KEYS[4], ARGV[7], ARGV[2])
@@ -107,6 +117,18 @@ if renew then
 end
 local id = epoch .. '-' .. seq
 redis.call('{publish}', ARGV[1], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[4])
+if feed then
+  local name = ARGV[13] ~= '' and ARGV[13] or cur[7] or ''
+  local entry = {{'MAXLEN', '~', ARGV[12], seq .. '-0', 't', ARGV[2], 'n', name, 's', ARGV[3], 'd', ARGV[4],
+    'e', epoch}}
+  -- A feed numbered by a sequence that since started over is of a lost history:
+  -- no cursor can resume in it any more, and its numbers are in the way.
+  if type(redis.pcall('XADD', KEYS[6], unpack(entry))) == 'table' then
+    redis.call('DEL', KEYS[6])
+    redis.call('XADD', KEYS[6], unpack(entry))
+  end
+  redis.call('{publish}', ARGV[14], id .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[2] .. '\\n' .. name .. '\\n' .. ARGV[4])
+end
 return id
 """
     )
@@ -121,6 +143,9 @@ class Publisher:
     # Seconds a task's keys live after its last event, and events kept per task.
     history_ttl: int = field(default=86_400, kw_only=True)
     history_max: int = field(default=10_000, kw_only=True)
+    # The all-tasks feed: seconds between a task's progress entries, entries kept.
+    feed_interval: float = field(default=1.0, kw_only=True)
+    feed_max: int = field(default=10_000, kw_only=True)
     # What it was made from, when `from_settings` made it: the web's reaper reads its
     # broker and queued timeout there (web/reaper.py).
     settings: Settings | None = field(default=None, kw_only=True, repr=False)
@@ -136,6 +161,8 @@ class Publisher:
             keys_for(settings),
             history_ttl=settings.history_ttl,
             history_max=settings.history_max,
+            feed_interval=settings.feed_interval,
+            feed_max=settings.feed_max,
             settings=settings,
         )
 
@@ -170,6 +197,7 @@ class Publisher:
                 self.keys.history(partition),
                 self.keys.recent(partition),
                 self.keys.queued(partition),
+                self.keys.feed_log(partition),
             ],
             args=[
                 self.keys.channel(task_id),
@@ -182,6 +210,10 @@ class Publisher:
                 uuid.uuid4().hex,  # makes a retried call idempotent
                 "".join(f"|{state or '-'}|" for state in only_if),
                 new_epoch(),  # the history's name, should this write begin one
+                round(self.feed_interval * 1000),
+                self.feed_max,
+                str(event.get("name") or ""),
+                self.keys.feed_channel(partition),
                 *pairs,
             ],
         )
