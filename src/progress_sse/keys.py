@@ -145,6 +145,12 @@ class Keys:
         """Where the write script announces what it adds to the feed."""
         return f"{self._roots[partition]}:feed:events"
 
+    @property
+    def notice(self) -> str:
+        """String with a TTL: the latest broadcast notice (web/notices.py), in the first
+        partition's slot, as the hub channel it is announced on."""
+        return f"{self._roots[0]}:notice"
+
     def queued(self, partition: int = 0) -> str:
         """Sorted set: the partition's ids of tasks whose state is `queued`, scored by
         when they were queued (the write script keeps it; the reaper's queued rule reads it)."""

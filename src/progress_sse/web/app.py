@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from celery import Celery
 from ..allowlist import AllowList
 from ..allowlist import load as load_allowlist
 from ..config import Settings
-from ..connections import hub_clients, keys_for, partition_clients, web_client
+from ..connections import REDIS_ERRORS, hub_clients, keys_for, partition_clients, web_client
 from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
@@ -30,7 +31,10 @@ from .delivery import EventStream
 from .errors import Handler, json_errors
 from .hub import Hub, Hubs
 from .limits import default_max_streams
+from .notices import NOTICES, Notices, post_notice
 from .store import Store
+
+log = logging.getLogger(__name__)
 
 # /events?task=…&fresh=… for 100 ids of the longest allowed length (keys.is_task_id)
 # is about 41 KB of request line; aiohttp's default limit is 8 KiB.
@@ -109,6 +113,7 @@ def create_app(
         ("/groups/{group_id}", "group"): {"GET": handlers.group_state},
         ("/groups/{group_id}/events", "group_events"): {"GET": handlers.group_events},
         ("/healthz", "healthz"): {"GET": handlers.healthz},
+        ("/notices", "notices"): {"POST": post_notice},
     }
     for (path, name), methods in routes.items():
         resource = app.router.add_resource(path, name=name)
@@ -127,6 +132,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     hub_redis = hub_clients(settings)
     app[REDIS] = client
     store = app[STORE] = Store(client, keys, history_ttl=settings.history_ttl, partitions=partitions)
+    notices = app[NOTICES] = Notices(keys)
+
+    def heard(raw: str) -> None:  # a notice announced: every stream of this process shows it
+        frame = notices.current() if notices.heard(raw) is not None else b""
+        if frame:
+            app[STREAMS].broadcast(frame)
+
     hubs = [
         Hub(
             hub_redis[p],
@@ -135,6 +147,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
             new_epoch=functools.partial(store.new_epoch, partition=p),
             sharded=keys.cluster,
             partition=p,
+            on_control=heard if p == 0 else None,  # notices are announced on the first partition's
         )
         for p in range(keys.partitions)
     ]
@@ -148,9 +161,14 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         heartbeat=settings.heartbeat,
         write_timeout=settings.write_timeout,
         max_streams=settings.max_streams or default_max_streams(connections=settings.max_connections),
+        latest_notice=notices.current,
     )
     app[PUBLISHER] = Publisher.from_settings(settings)
     await hub.start()
+    try:
+        await notices.load(client)
+    except REDIS_ERRORS as exc:  # Redis may come later; the next notice is heard anyway
+        log.warning("progress-sse could not read the latest notice: %s", exc)
     reaper_task = asyncio.create_task(reaper.run(client, keys, app[PUBLISHER], settings.worker_ttl))
     try:
         yield

@@ -105,10 +105,12 @@ def stamp(frames: list[Frame], places: Places, *, composite: bool) -> list[Frame
 @dataclass(slots=True)
 class Batch:
     """Frames a stream writes together. `head` goes first: a reset frame, when these
-    frames start over from the current states."""
+    frames start over from the current states. Before it, `notices`: broadcast
+    notices that came meanwhile (web/notices.py), which are no task's frames."""
 
     frames: list[Frame]
     head: bytes = b""
+    notices: bytes = b""
 
 
 class ClientStalled(Exception):
@@ -204,7 +206,7 @@ class Live:
         await self.write(before + b"".join(frame.bytes_for(self.variant) for frame in frames))
 
     async def send_batch(self, batch: Batch) -> None:
-        await self.send(batch.frames, before=batch.head)
+        await self.send(batch.frames, before=batch.notices + batch.head)
 
     def stamped(self, frames: list[Frame], places: Places) -> list[Frame]:
         """See `stamp`."""
@@ -247,11 +249,15 @@ class Live:
                     continue  # the token expired: the loop's test ends the stream
                 batch: list[Frame] = []
                 pinged = False
+                notices = b""
                 for item in [first, *self.watcher.pending()]:
                     if item is Signal.CLOSE:
                         break
                     if item is Signal.PING:
                         pinged = True
+                        continue
+                    if isinstance(item, bytes):
+                        notices += item
                         continue
                     if isinstance(item, Frame):
                         verdict = news(item, at, tasks())
@@ -276,8 +282,8 @@ class Live:
                     at.update(upto)
                     ids = dict(upto) if self.composite else {}
                     yield reset
-                if batch:
-                    yield Batch(self.stamped(batch, ids))
+                if batch or notices:
+                    yield Batch(self.stamped(batch, ids), notices=notices)
                 elif pinged:
                     await self.write(PING)
         finally:
@@ -302,6 +308,8 @@ class Opened:
     cursor: Cursor | None
     response: web.StreamResponse | None = field(default=None, init=False)
     live: Live | None = field(default=None, init=False)
+    # What the stream writes first once it began: a ping, and the latest notice.
+    greeting: bytes = field(default=PING, init=False)
 
     async def start(self, fresh: Iterable[str] = (), *, replay: bool = True) -> Start:
         """Where each task stands for this stream (store.start from the client's
@@ -316,6 +324,9 @@ class Opened:
         self.response = web.StreamResponse(headers=SSE_HEADERS)
         await self.response.prepare(self.request)
         self.live = self.streams.live(self.request, self.response, self.watcher)
+        # Read with no await since the stream joined the broadcast (`live`): a notice
+        # is either in this greeting or in the stream's inbox, not both.
+        self.greeting = PING + self.streams.latest_notice()
         return self.live
 
     async def end(self) -> web.StreamResponse:
@@ -397,8 +408,11 @@ class EventStream:
         heartbeat: float,
         write_timeout: float = 30.0,
         max_streams: int = 10_000,
+        latest_notice: Callable[[], bytes] = bytes,
     ) -> None:
         self.hub = hub
+        # The frame of the broadcast notice a stream that opens is sent (web/notices.py).
+        self.latest_notice = latest_notice
         self.store = store
         self.access = access
         self.heartbeat = heartbeat
@@ -499,6 +513,11 @@ class EventStream:
             self._heartbeat = asyncio.create_task(self._beat(), name="progress-sse heartbeat")
         return live
 
+    def broadcast(self, frame: bytes) -> None:
+        """A frame for every stream that began: a broadcast notice (web/notices.py)."""
+        for live in list(self._lives):
+            live.watcher.deliver(frame)
+
     async def _beat(self) -> None:
         """One timer for every stream: four times a heartbeat, each stream that wrote
         nothing for a heartbeat gets a ping (Live.ping_if_quiet). A quiet stream
@@ -549,7 +568,7 @@ class EventStream:
             live = await stream.begin()
             head = reset_frame(start.reset, missing) if start.reset else b""
             head += b"".join(unknown_task_frame(task_id) for task_id in unknown if task_id not in missing)
-            await live.send(live.stamped(frames, dict(start.base)), before=PING + head)
+            await live.send(live.stamped(frames, dict(start.base)), before=stream.greeting + head)
             upto = start.upto
             # Sent: let go of what the stream started from (it may stay open for hours).
             del start, known, unknown, missing, frames, head

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from ..cursors import Cursor, Places
-from ..events import CURSOR_UNKNOWN, FEED_TRIMMED, HISTORY_LOST, PING, Frame, reset_frame
+from ..events import CURSOR_UNKNOWN, FEED_TRIMMED, HISTORY_LOST, Frame, reset_frame
 from ..task_names import NameFilter, PatternError
 from .access import GRANT
 from .context import SETTINGS, STREAMS
@@ -234,7 +234,7 @@ async def serve(request: web.Request) -> web.StreamResponse:
         start = await feed.start(stream.cursor)
         live = await stream.begin()
         head = reset_frame(start.reset, []) if start.reset else b""
-        await live.send(live.stamped(start.frames, dict(start.base)), before=PING + head)
+        await live.send(live.stamped(start.frames, dict(start.base)), before=stream.greeting + head)
         upto = start.upto
         del start  # a feed may stay open for days
         batches = live.batches(lambda: EVERY_TASK, upto, catchup=feed.after, restart=feed.restart)

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..events import PING, TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of, reset_frame
+from ..events import TERMINAL_STATES, Frame, State, dumps, encode_sse, percent_of, reset_frame
 from .delivery import EventStream
 from .errors import error
 from .store import Store
@@ -118,11 +118,13 @@ async def serve(request: web.Request, streams: EventStream, group_id: str) -> we
 
         missing = [t.task_id for t in start.tasks if not t.known]
         head = reset_frame(start.reset, missing) if start.reset else b""
-        await live.write(PING + head + frame(last))
+        await live.write(stream.greeting + head + frame(last))
         every = frozenset(ids)  # looked up for every frame: a set, not a list
         if not ended():
             async with contextlib.aclosing(live.batches(lambda: every, start.upto)) as batches:
                 async for batch in batches:
+                    if batch.notices:
+                        await live.write(batch.notices)
                     if batch.head:  # started over: the aggregate is made again from current states
                         latest = {member.task_id: member for member in batch.frames}
                         await live.write(batch.head + frame(newest(batch.frames)))

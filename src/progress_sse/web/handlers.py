@@ -46,22 +46,7 @@ def _id(request: web.Request, kind: str = "task") -> str:
 
 
 async def start_task(request: web.Request) -> web.Response:
-    if request.content_type != "application/json":
-        raise error(
-            web.HTTPUnsupportedMediaType,
-            f"Send the task as JSON with Content-Type: application/json (got {request.content_type!r}).",
-        )
-    body = await _read_body(request)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise error(web.HTTPBadRequest, f"The body is not valid JSON: {exc}.") from None
-    except RecursionError:
-        raise error(web.HTTPBadRequest, "The body nests JSON too deeply.") from None
-    if not isinstance(data, dict):
-        raise error(
-            web.HTTPBadRequest, 'The body must be a JSON object like {"name": "demo.count", "kwargs": {"n": 20}}.'
-        )
+    data = await json_object(request, "the task", '{"name": "demo.count", "kwargs": {"n": 20}}')
     name = data.get("name")
     # Before the allow-list is consulted: a token's refusal says nothing about it.
     # (A name that is not a string names nothing to refuse: the allow-list says so.)
@@ -102,6 +87,26 @@ async def _workers(app: web.Application) -> dict[str, Any]:
     queued then waits, and its page would otherwise just sit at "queued"."""
     count = await reaper.live_workers(app[REDIS], app[STORE].keys)
     return {"workers": count, "warning": NO_WORKER} if count == 0 else {"workers": count}
+
+
+async def json_object(request: web.Request, what: str, example: str) -> dict[str, Any]:
+    """The request's body, a JSON object (`what` it is, and an `example` of one for
+    the error a person reads), or the 415, 413 or 400 that says what is wrong."""
+    if request.content_type != "application/json":
+        raise error(
+            web.HTTPUnsupportedMediaType,
+            f"Send {what} as JSON with Content-Type: application/json (got {request.content_type!r}).",
+        )
+    body = await _read_body(request)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(web.HTTPBadRequest, f"The body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise error(web.HTTPBadRequest, "The body nests JSON too deeply.") from None
+    if not isinstance(data, dict):
+        raise error(web.HTTPBadRequest, f"The body must be a JSON object like {example}.")
+    return data
 
 
 async def _read_body(request: web.Request) -> bytes:

@@ -48,7 +48,8 @@ class Signal(enum.Enum):
     PING = "ping"
 
 
-Item = Frame | Signal
+# Bytes: a frame that is no task's (a broadcast notice, web/notices.py), written as it is.
+Item = Frame | Signal | bytes
 
 
 def news(frame: Frame, at: dict[int, Position], waiting: Collection[str]) -> bool | None:
@@ -345,6 +346,7 @@ class Hub:
         new_epoch: Callable[[str], Awaitable[str]] | None = None,
         sharded: bool = False,
         partition: int = 0,
+        on_control: Callable[[str], None] | None = None,
     ) -> None:
         # `client` must not retry on its own: redis-py's pub/sub would reconnect
         # and resubscribe silently, and the messages in between would be lost.
@@ -356,6 +358,10 @@ class Hub:
         self._keys = keys
         self.partition = partition
         self._feed = keys.feed_channel(partition)
+        # What is published on the partition's control channel (a notice, on the
+        # first partition's: web/notices.py) goes to `on_control`.
+        self._control = keys.control_channel(partition)
+        self._on_control = on_control
         self._buffer = buffer
         self._subscribe_timeout = subscribe_timeout
         self._idle_ping = idle_ping
@@ -551,6 +557,10 @@ class Hub:
                     del self._dropping[message["channel"]]
 
     def _dispatch(self, name: str, data: str) -> None:
+        if name == self._control:
+            if self._on_control is not None:
+                self._on_control(data)
+            return
         feed = name == self._feed
         try:
             if feed:  # the write script announces a feed entry right after its task's event
