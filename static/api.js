@@ -86,6 +86,18 @@ export function createApi(base = "", { token = null } = {}) {
       return response.json();
     },
 
+    /**
+     * HEAD /feed?name=…: whether this token may read the feed of `names`, asked
+     * before an EventSource opens it, since an EventSource never sees a refusal's
+     * status. Throws ApiError for a 400 (a name the server refuses), 401 or 403; a
+     * HEAD has no body, so the error has no reason of the server's.
+     */
+    async checkFeed(names) {
+      const query = new URLSearchParams(names.map((name) => ["name", name]));
+      const response = await fetch(url(`/feed?${query}`), { method: "HEAD", headers: headers() });
+      if (!response.ok) throw new ApiError(response.status, null);
+    },
+
     /** GET /tasks?limit=: the latest tasks, newest first. */
     async recent(limit) {
       const response = await fetch(url(`/tasks?limit=${limit}`), { headers: headers(JSON_ONLY) });

@@ -32,12 +32,17 @@ export function label(state) {
   return SYMBOLS[state] ? `${SYMBOLS[state]} ${word}` : word;
 }
 
+/** A terminal state's symbol (✓, ✗, ⊘, ?), or "" for any other. */
+export function symbol(state) {
+  return SYMBOLS[state] ?? "";
+}
+
 /**
  * A new card for a task, not yet in the page. `info` is what is already known
  * (GET /tasks/<id>'s body, say). Without `onRemove` the card has no
- * "Stop watching" button (the one-task page).
+ * "Stop watching" button (the one-task page), without `onCancel` no Cancel button.
  */
-export function createCard(template, taskId, info, { base, onCancel, onRemove }) {
+export function createCard(template, taskId, info, { base, onCancel = null, onRemove = null }) {
   const node = template.content.firstElementChild.cloneNode(true);
   const q = (selector) => node.querySelector(selector);
   const card = {
@@ -69,6 +74,7 @@ export function createCard(template, taskId, info, { base, onCancel, onRemove })
       cancel: q(".task-cancel"),
       link: q(".task-link"),
       remove: q(".task-remove"),
+      watch: q(".task-watch"),
     },
   };
   const nameId = `task-name-${(cardsMade += 1)}`;
@@ -78,7 +84,11 @@ export function createCard(template, taskId, info, { base, onCancel, onRemove })
   card.refs.id.textContent = taskId;
   card.refs.state.textContent = "…";
   card.refs.link.href = `${base}/tasks/${encodeURIComponent(taskId)}`;
-  card.refs.cancel.addEventListener("click", () => onCancel(card));
+  if (onCancel) {
+    card.refs.cancel.addEventListener("click", () => onCancel(card));
+  } else {
+    card.refs.cancel.hidden = true;
+  }
   if (onRemove) {
     card.refs.remove.addEventListener("click", () => onRemove(card));
   } else {
@@ -92,6 +102,17 @@ export function makeGroupCard(card) {
   card.refs.cancel.hidden = true;
   card.refs.link.hidden = true;
   card.node.classList.add("group");
+}
+
+/**
+ * A card of the All tasks view: an overview of tasks nobody here may have started,
+ * so it has no Cancel; its Watch button (`onWatch(card)`) takes the task to the
+ * page's watched cards, where it streams every step and can be cancelled.
+ */
+export function makeFeedCard(card, onWatch) {
+  card.refs.watch.hidden = false;
+  card.refs.watch.addEventListener("click", () => onWatch(card));
+  card.node.classList.add("feed-task");
 }
 
 /** Show an event on its card; returns whether the card's state changed. */

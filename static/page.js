@@ -12,10 +12,18 @@
 // operator's), else the stream of its own token. In open mode (no token) that is
 // one stream for everything, as before. Each task's Watch is remembered, so a
 // task stays on the stream it was added to.
+//
+// The demo page's All tasks view (feed.js) is one more stream, of GET /feed, with
+// the page's token, opened when asked for. Every stream's broadcast notices go to
+// one banner (notices.js), and a watched task that ends while the tab is hidden is
+// told in the title and, if asked for, a desktop notification (notify.js).
 import { accessProblem, ApiError, createApi } from "./api.js";
 import { announcement, createCard, makeGroupCard, markHistoryLost, markUnknown, notice, showEvent, tick } from "./card.js";
+import { FeedView } from "./feed.js";
 import { InputError, valuesOf } from "./forms.js";
 import { groupName, WatchedGroups } from "./groups.js";
+import { NoticeBanner } from "./notices.js";
+import { CompletionNotices } from "./notify.js";
 import { isTaskId, isTerminal, watch } from "./progress.js";
 import { renderRecent, showInRecent } from "./recent.js";
 import { claimsOf, covers, takePageToken, TaskTokens } from "./tokens.js";
@@ -40,10 +48,13 @@ const announcer = document.getElementById("announcer");
 const workerNotice = document.getElementById("worker-notice");
 const accessNotice = document.getElementById("access-notice");
 const recentBox = document.getElementById("recent"); // the demo page's only
+const feedPanel = document.getElementById("feed-panel"); // the demo page's only
 const single = app.dataset.task || null; // the one-task page's task
 const base = app.dataset.base ?? ""; // a prefix when mounted inside another app
 const cards = new Map(); // task id (or group id) -> card
 const groups = new WatchedGroups();
+const banner = new NoticeBanner(document.getElementById("notices"));
+const completions = new CompletionNotices(document.getElementById("notify-toggle"));
 
 // ---- access tokens and streams ---------------------------------------------
 
@@ -96,6 +107,7 @@ function streamWith(token) {
         const problem = accessProblem(error);
         if (problem) showPageNotice(problem);
       },
+      onNotice: (broadcast) => banner.show(broadcast),
     },
     // The page cannot mint tokens. Its getToken asks, once per run of failed
     // connections, whether the token is what the server refuses: an EventSource
@@ -179,9 +191,17 @@ function addCard(taskId, info = {}) {
 function show(event) {
   const card = cards.get(event.task_id);
   if (!card) return;
+  const before = card.state;
   const changed = showEvent(card, event);
   learnStart(card, event);
-  if (changed && isTerminal(event.state)) refreshRecentSoon();
+  if (changed && isTerminal(event.state)) {
+    refreshRecentSoon();
+    // An end seen happen, not the state a card was loaded with (a reload, a task
+    // observed after it ended).
+    if (before != null && !isTerminal(before) && before !== "unknown") {
+      completions.taskEnded(event, card.refs.name.textContent, () => card.node.scrollIntoView({ block: "nearest" }));
+    }
+  }
   if (changed) announcer.textContent = announcement(card);
 }
 
@@ -400,10 +420,54 @@ async function loadRecent() {
   });
 }
 
+// ---- the All tasks view ----------------------------------------------------
+
+// Watching a task of the feed closely: it joins the watched cards, with every step
+// on the page's own stream, its start time and Cancel, as from the recent list.
+async function watchFromFeed(event, feedCard) {
+  const taskId = event.task_id;
+  if (!cards.has(taskId)) {
+    try {
+      const info = await apiFor(taskId).describe(taskId);
+      if (!info) {
+        notice(feedCard, "The server no longer knows this task: its history has expired.");
+        return;
+      }
+      follow(taskId, info);
+    } catch (error) {
+      notice(feedCard, accessProblem(error) ?? "Could not reach the server to watch it; try again.");
+      return;
+    }
+  }
+  cards.get(taskId)?.node.scrollIntoView({ block: "nearest" });
+}
+
+const FEED_STATUS = "feed"; // the feed's entry among the page's stream statuses
+
+function feedStatus(status) {
+  if (status === "closed") statuses.delete(FEED_STATUS); // closed on purpose: no trouble to show
+  else statuses.set(FEED_STATUS, status);
+  showStatus();
+}
+
+const feedView = feedPanel
+  ? new FeedView(feedPanel, {
+      template,
+      api,
+      base,
+      token: pageToken,
+      onWatch: watchFromFeed,
+      onEnded: (event, card) => completions.taskEnded(event, card.refs.name.textContent),
+      onStatus: feedStatus,
+      onNotice: (broadcast) => banner.show(broadcast),
+    })
+  : null;
+
 // ---- start-up --------------------------------------------------------------
 
 setInterval(() => {
   for (const card of cards.values()) if (!isTerminal(card.state)) tick(card);
+  feedView?.tick();
 }, 1000);
 
 checkWorkers();
@@ -435,4 +499,5 @@ if (single) {
   });
   restore(loadWatched());
   loadRecent();
+  feedView?.restore();
 }

@@ -5,9 +5,11 @@
 //   w.add(otherId);  // same connection, nothing lost for the others
 //   bindProgress(document.querySelector("progress"), taskId);
 //   watch([taskId], handlers, { token, getToken });  // a server that wants tokens
+//   const feed = watchFeed(["reports."], { onEvent: (e) => … });  // every task, as it is queued
 //
 // Every callback receives the event object of the protocol (task_id, name, state,
-// current, total, percent, message, ts, …), never a DOM node.
+// current, total, percent, message, ts, …), never a DOM node. A notice the service
+// broadcasts goes to `onNotice`, on any stream.
 //
 // Event ids (cursors) are strings of one of two forms. On a single Redis,
 // `<epoch>-<n>`: `n` counts events within one history of the server's log, the
@@ -109,6 +111,15 @@ export function watch(taskIds = [], handlers = {}, options = {}) {
 }
 
 /**
+ * Follow the all-tasks feed (GET /feed) on one EventSource: every task, or those
+ * whose names `names` lets through ("demo.count", or "reports." for every name
+ * that starts so). See `Feed` for the handlers; the options are `watch`'s.
+ */
+export function watchFeed(names = [], handlers = {}, options = {}) {
+  return new Feed(names, handlers, options);
+}
+
+/**
  * Drive a `<progress>` element from one task: indeterminate (no `value`) while the
  * total is unknown, `value`/`max` while it is known, full on success.
  * `options` are those of `watch`, plus its handlers (`onEvent`, `onSuccess`, …).
@@ -153,18 +164,20 @@ export function applyToProgress(element, event) {
 }
 
 /**
- * Handlers (all optional): onEvent(event) for every event, then onQueued,
- * onStarted, onProgress, onRetry, onSuccess, onFailure, onRevoked, onLost by
- * state; onUnknown({task_id}) for an id the server does not know;
- * onReset({reason, message, missing}) when the server lost the history the stream
- * followed, or could not place its cursor in the current one: the current state of
- * every known task follows (through onEvent as usual, applied even if it looks
- * older than what came before), and the tasks in `missing` have no state left
- * (their `state` is null again: they keep streaming, and their next event, if
- * any, comes as usual);
+ * What `Watch` and `Feed` share: one EventSource, reopened by the client itself
+ * with backoff and its cursor, tokens, the status, and the frames that are not a
+ * task's (`reset`, `notice`).
+ *
+ * Handlers both take (all optional): onReset({reason, message, missing}) when the
+ * server lost the history the stream followed, or could not place its cursor in the
+ * current one: the current states follow, applied whatever their ids;
+ * onNotice({id, text, ts}) for a notice the service broadcasts to every stream
+ * (POST /notices). A notice is not a task frame and moves no cursor, and a stream
+ * that (re)connects is sent the latest notice again, so the same `id` comes more
+ * than once;
  * onStatus(status) with "connecting", "live", "reconnecting", "idle" or "closed";
- * onDone() once every task has ended; onTokenError(error) when `getToken` failed
- * (threw, or gave no token; without this handler it goes to console.warn).
+ * onTokenError(error) when `getToken` failed (threw, or gave no token; without this
+ * handler it goes to console.warn).
  *
  * Options: base (URL prefix of the API, default ""), withCredentials,
  * initialBackoff / maxBackoff (ms, default 1000 / 30000) for reconnecting after
@@ -190,8 +203,8 @@ export function applyToProgress(element, event) {
  * Without getToken an expired token is retried with backoff until you call
  * setToken() or close().
  */
-export class Watch {
-  constructor(taskIds = [], handlers = {}, options = {}) {
+class Stream {
+  constructor(handlers = {}, options = {}) {
     this.handlers = handlers;
     this.base = options.base ?? "";
     this.withCredentials = options.withCredentials ?? false;
@@ -202,33 +215,12 @@ export class Watch {
     this.getToken = typeof options.getToken === "function" ? options.getToken : null;
     this.renewed = false; // getToken() was called for the current run of failures
     this.renewal = null; // the getToken() call in flight, if any
-    this.tasks = new Map(); // id -> { state, lastId, covered }
     this.cursor = null; // the latest event id seen (see isAfter): one cursor covers every task
     this.cursorLost = false; // a reset came: the next id starts the cursor over, whatever it is
     this.source = null;
-    this.streaming = new Set();
     this.timer = null;
     this.closed = false;
     this.status = "idle";
-    for (const id of taskIds) this._track(id);
-    this._schedule(0);
-  }
-
-  /**
-   * Watch one more task on the same connection. `seed` ({state, cursor}, e.g. the
-   * body of GET /tasks/<id>) skips what is already known; a terminal seed is not
-   * streamed at all.
-   */
-  add(taskId, seed = null) {
-    if (!isTaskId(taskId)) throw new TypeError(`not a task id: ${taskId}`);
-    if (this.tasks.has(taskId)) return;
-    this._track(taskId, seed);
-    this._schedule();
-  }
-
-  /** Stop watching one task. */
-  remove(taskId) {
-    if (this.tasks.delete(taskId)) this._schedule();
   }
 
   /** Use another token from now on: the stream reopens with it, at its cursor. */
@@ -248,18 +240,6 @@ export class Watch {
     this._setStatus("closed");
   }
 
-  /** The ids still streaming (not terminal, not unknown). */
-  pending() {
-    return [...this.tasks].filter(([, task]) => !isDone(task.state)).map(([id]) => id);
-  }
-
-  _track(taskId, seed = null) {
-    const lastId = seed?.cursor != null ? String(seed.cursor) : null;
-    // `covered`: the stream's cursor accounts for this task, because the stream
-    // delivered one of its frames. Until then a reopen asks for its current state.
-    this.tasks.set(taskId, { state: seed?.state ?? null, lastId, covered: false });
-  }
-
   // Adds and removes made together reopen the stream once.
   _schedule(delay = 20) {
     if (this.closed) return;
@@ -267,27 +247,24 @@ export class Watch {
     this.timer = setTimeout(() => this._open(), delay);
   }
 
+  // What the subclass streams: its path and query, or null when there is nothing
+  // to stream (the stream is then idle).
+  _request() {
+    throw new Error("not implemented");
+  }
+
   _open() {
     this.source?.close();
     this.source = null;
-    // At most 100 tasks per stream; the rest wait for a slot (see _receive).
-    const ids = this.pending().slice(0, MAX_TASKS_PER_STREAM);
-    this.streaming = new Set(ids);
-    if (ids.length === 0) {
+    const request = this._request();
+    if (request == null) {
       this._setStatus("idle");
       return;
     }
-    const params = new URLSearchParams();
-    for (const id of ids) params.append("task", id);
-    if (this.cursor != null) {
-      // Reopening: every event after the cursor, and the current state of the
-      // tasks the cursor does not cover yet (added since, or not heard from).
-      params.set("last_event_id", this.cursor);
-      for (const id of ids) if (!this.tasks.get(id).covered) params.append("fresh", id);
-    }
+    const { path, params } = request;
     if (this.token) params.set("token", this.token);
     let opened = false;
-    const source = new EventSource(`${this.base}/events?${params}`, { withCredentials: this.withCredentials });
+    const source = new EventSource(`${this.base}${path}?${params}`, { withCredentials: this.withCredentials });
     this.source = source;
     this._setStatus("connecting");
     let openedAt = null;
@@ -302,14 +279,14 @@ export class Watch {
       if (openedAt != null && Date.now() - openedAt >= HEALTHY_AFTER) this.backoff = this.initialBackoff;
       // Reconnect ourselves, whatever the browser would do: an error response (a
       // 503 during a deploy, a 401 for an expired token) ends an EventSource for
-      // good, and the browser's own retry would reuse this URL, whose fresh= list
-      // and token are out of date by now.
+      // good, and the browser's own retry would reuse this URL, whose query (a
+      // fresh= list, the token) is out of date by now.
       if (!opened && this.getToken && !this.renewed) this._renew();
       else this._retry();
     };
     // EventSource keeps the last `id:` for frames that have none, so a frame whose
-    // lastEventId is the previous frame's carried no id (a reset, an unknown, a
-    // state that survived an older history).
+    // lastEventId is the previous frame's carried no id (a reset, a notice, an
+    // unknown, a state that survived an older history).
     let previousId = "";
     const listen = (type, receive) =>
       source.addEventListener(type, (message) => {
@@ -320,6 +297,7 @@ export class Watch {
       });
     for (const state of [...STATES, "unknown"]) listen(state, (message, id) => this._receive(message, id));
     listen("reset", (message) => this._reset(JSON.parse(message.data)));
+    listen("notice", (message) => this._notice(message));
   }
 
   _retry() {
@@ -363,6 +341,122 @@ export class Watch {
     this._retry();
   }
 
+  // A task frame's id: the stream's place from now on. The states that follow a
+  // reset start the cursor over, in the new history.
+  _advance(id) {
+    if (this.cursorLost || isAfter(id, this.cursor)) this.cursor = id;
+    this.cursorLost = false;
+  }
+
+  // The server's history started over: the cursor stays (a reopen before the next
+  // id is told of the reset again), and the next id replaces it, a position in the
+  // new history.
+  _reset(reset) {
+    this.backoff = this.initialBackoff;
+    this.cursorLost = true;
+    const missing = Array.isArray(reset.missing) ? reset.missing : [];
+    this._forget(missing);
+    this._call("onReset", { reason: reset.reason, message: reset.message ?? "", missing });
+  }
+
+  // What the subclass forgets on a reset, before onReset is called.
+  _forget() {}
+
+  // Not a task's frame, and no sign of a healthy stream either: the server sends
+  // its latest notice to every stream it opens, so a server that answers and at
+  // once ends would otherwise reset the backoff and be hammered.
+  _notice(message) {
+    let notice;
+    try {
+      notice = JSON.parse(message.data);
+    } catch {
+      return; // not a notice this client can read: ignored, as the protocol asks of unknown frames
+    }
+    if (!notice || typeof notice.id !== "string" || typeof notice.text !== "string") return;
+    this._call("onNotice", { id: notice.id, text: notice.text, ts: typeof notice.ts === "number" ? notice.ts : null });
+  }
+
+  _call(name, ...args) {
+    const handler = this.handlers[name];
+    if (typeof handler !== "function") return;
+    try {
+      handler(...args);
+    } catch (error) {
+      console.error(`progress-sse: ${name} handler failed`, error); // one bad handler must not stop the stream
+    }
+  }
+
+  _setStatus(status) {
+    if (status === this.status) return;
+    this.status = status;
+    this._call("onStatus", status);
+  }
+}
+
+/**
+ * Tasks on one connection (GET /events). Handlers (all optional), besides
+ * Stream's: onEvent(event) for every event, then onQueued, onStarted, onProgress,
+ * onRetry, onSuccess, onFailure, onRevoked, onLost by state; onUnknown({task_id})
+ * for an id the server does not know; onReset as Stream says, where the current
+ * state of every known task follows (through onEvent as usual, applied even if it
+ * looks older than what came before), and the tasks in `missing` have no state
+ * left (their `state` is null again: they keep streaming, and their next event, if
+ * any, comes as usual); onDone() once every task has ended. Options: Stream's.
+ */
+export class Watch extends Stream {
+  constructor(taskIds = [], handlers = {}, options = {}) {
+    super(handlers, options);
+    this.tasks = new Map(); // id -> { state, lastId, covered }
+    this.streaming = new Set();
+    for (const id of taskIds) this._track(id);
+    this._schedule(0);
+  }
+
+  /**
+   * Watch one more task on the same connection. `seed` ({state, cursor}, e.g. the
+   * body of GET /tasks/<id>) skips what is already known; a terminal seed is not
+   * streamed at all.
+   */
+  add(taskId, seed = null) {
+    if (!isTaskId(taskId)) throw new TypeError(`not a task id: ${taskId}`);
+    if (this.tasks.has(taskId)) return;
+    this._track(taskId, seed);
+    this._schedule();
+  }
+
+  /** Stop watching one task. */
+  remove(taskId) {
+    if (this.tasks.delete(taskId)) this._schedule();
+  }
+
+  /** The ids still streaming (not terminal, not unknown). */
+  pending() {
+    return [...this.tasks].filter(([, task]) => !isDone(task.state)).map(([id]) => id);
+  }
+
+  _track(taskId, seed = null) {
+    const lastId = seed?.cursor != null ? String(seed.cursor) : null;
+    // `covered`: the stream's cursor accounts for this task, because the stream
+    // delivered one of its frames. Until then a reopen asks for its current state.
+    this.tasks.set(taskId, { state: seed?.state ?? null, lastId, covered: false });
+  }
+
+  _request() {
+    // At most 100 tasks per stream; the rest wait for a slot (see _receive).
+    const ids = this.pending().slice(0, MAX_TASKS_PER_STREAM);
+    this.streaming = new Set(ids);
+    if (ids.length === 0) return null;
+    const params = new URLSearchParams();
+    for (const id of ids) params.append("task", id);
+    if (this.cursor != null) {
+      // Reopening: every event after the cursor, and the current state of the
+      // tasks the cursor does not cover yet (added since, or not heard from).
+      params.set("last_event_id", this.cursor);
+      for (const id of ids) if (!this.tasks.get(id).covered) params.append("fresh", id);
+    }
+    return { path: "/events", params };
+  }
+
   // `id`: the frame's own event id, null if it had none.
   _receive(message, id) {
     this.backoff = this.initialBackoff; // a healthy connection: the next failure starts over
@@ -378,8 +472,7 @@ export class Watch {
       // names no position to resume from.
       if (id != null) {
         // The states of added tasks may come with older ids: the cursor never goes back.
-        if (this.cursorLost || isAfter(id, this.cursor)) this.cursor = id;
-        this.cursorLost = false;
+        this._advance(id);
         if (task.lastId != null && !isAfter(id, task.lastId)) return; // seen already
         task.lastId = id;
       }
@@ -398,14 +491,9 @@ export class Watch {
     }
   }
 
-  // The server's history started over: what each task "has seen" no longer counts,
-  // so the current states that follow are applied whatever their ids. The cursor
-  // stays (a reopen before the next id is told of the reset again), and the next
-  // id replaces it: a position in the new history.
-  _reset(reset) {
-    this.backoff = this.initialBackoff;
-    this.cursorLost = true;
-    const missing = Array.isArray(reset.missing) ? reset.missing : [];
+  // What each task "has seen" no longer counts, so the current states that follow
+  // are applied whatever their ids.
+  _forget(missing) {
     for (const id of this.streaming) {
       const task = this.tasks.get(id);
       if (!task || isDone(task.state)) continue; // an end seen stays an end
@@ -416,23 +504,43 @@ export class Watch {
       task.covered = missing.includes(id);
       if (task.covered) task.state = null;
     }
-    this._call("onReset", { reason: reset.reason, message: reset.message ?? "", missing });
+  }
+}
+
+/**
+ * The all-tasks feed (GET /feed): every task's changes as they happen, of every
+ * task whose name `names` lets through (none: every task the token may see). It
+ * starts with the current states of the newest tasks, then live frames; a task's
+ * progress comes at most once per the server's feed interval, its state changes
+ * always. It never ends by itself: close() it.
+ *
+ * Handlers (all optional), besides Stream's: onEvent(event) for every frame, then
+ * onQueued … onLost by state, as for `watch`; onReset as Stream says, after which
+ * the current states follow: whatever was shown before them is out of date, so a
+ * view redraws from them. Options: Stream's.
+ */
+export class Feed extends Stream {
+  constructor(names = [], handlers = {}, options = {}) {
+    super(handlers, options);
+    this.names = [...names];
+    this._schedule(0);
   }
 
-  _call(name, ...args) {
-    const handler = this.handlers[name];
-    if (typeof handler !== "function") return;
-    try {
-      handler(...args);
-    } catch (error) {
-      console.error(`progress-sse: ${name} handler failed`, error); // one bad handler must not stop the stream
-    }
+  _request() {
+    const params = new URLSearchParams();
+    for (const name of this.names) params.append("name", name);
+    // Reopening: every entry after the cursor, exactly once.
+    if (this.cursor != null) params.set("last_event_id", this.cursor);
+    return { path: "/feed", params };
   }
 
-  _setStatus(status) {
-    if (status === this.status) return;
-    this.status = status;
-    this._call("onStatus", status);
+  _receive(message, id) {
+    this.backoff = this.initialBackoff; // a healthy connection: the next failure starts over
+    if (message.type === "unknown") return; // the feed names no task, so none can be unknown
+    const event = JSON.parse(message.data);
+    if (id != null) this._advance(id);
+    this._call("onEvent", event);
+    this._call(HANDLER_FOR[event.state], event);
   }
 }
 

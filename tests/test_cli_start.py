@@ -196,7 +196,7 @@ async def test_usage_errors_exit_2_with_a_message() -> None:
     run = await run_cli("start", "demo.count", "--kw", "n=1", "--kw", "n=2")
     assert run.status == 2 and "--kw n is given more than once" in run.err, run
     run = await run_cli("start", "demo.count", "--json")
-    assert run.status == 2 and "--json and --retry-for apply to --watch" in run.err, run
+    assert run.status == 2 and "--json, --retry-for and --notify apply to --watch" in run.err, run
 
 
 async def test_help_explains_every_option() -> None:

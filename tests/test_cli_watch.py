@@ -1,9 +1,9 @@
 """`progress-sse watch`, run for real: a subprocess against the real server and worker.
 
 Exit statuses, `--json`, plain lines without a TTY, the live bar under a pseudo-
-terminal, Ctrl-C typed into that terminal, a reader that stops early (`| head -1`);
-and, in-process, what the bar and the lines show for determinate, indeterminate
-and switching tasks.
+terminal, Ctrl-C typed into that terminal, a reader that stops early (`| head -1`),
+`--notify` (a fake `notify-send` on the PATH, or none: the bell); and, in-process,
+what the bar and the lines show for determinate, indeterminate and switching tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import termios
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,8 @@ from rich.console import Console
 
 from progress_sse.cli.client import Reconnecting, Reset, TaskEvent
 from progress_sse.cli.embedded import free_port
+from progress_sse.cli.notify import notifier
+from progress_sse.cli.notify import words as notify_words
 from progress_sse.cli.terminal import JsonRenderer, LiveRenderer, PlainRenderer, TaskView, make_renderer
 from progress_sse.cli.watch import _stopped_watching
 from progress_sse.config import Settings
@@ -389,7 +392,11 @@ PTY_WIDTH = 160
 
 
 async def run_in_pty(
-    *args: str, timeout: float = 60, interrupt_on: str | None = None, width: int = PTY_WIDTH
+    *args: str,
+    timeout: float = 60,
+    interrupt_on: str | None = None,
+    width: int = PTY_WIDTH,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run the CLI with a terminal as stdin, stdout and stderr; everything the terminal
     showed, escape codes and all.
@@ -406,7 +413,7 @@ async def run_in_pty(
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=cli_env(TERM="xterm-256color"),
+        env=cli_env(TERM="xterm-256color", **(env or {})),
         start_new_session=True,
         preexec_fn=_take_terminal,
     )
@@ -576,6 +583,28 @@ async def reset_mid_task(aiohttp_server: Any) -> str:
     return str(server.make_url("/"))
 
 
+async def test_a_broadcast_notice_on_the_stream_is_not_taken_for_the_tasks_news(aiohttp_server: Any) -> None:
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(sse("progress", {**ENDLESS, "message": "Processing one"}, "k3x7f2ab-1"))
+        await resp.write(sse("notice", {"id": "n-1", "text": "Deploy at 18:00", "ts": 1763712000.5}))
+        done = {**ENDLESS, "state": "success", "current": 4, "percent": 100.0, "message": None, "result": 1}
+        await resp.write(sse("success", done, "k3x7f2ab-2"))
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/tasks/{id}/events", events)
+    url = str((await aiohttp_server(app)).make_url("/"))
+    run = await run_cli("watch", "t", "--url", url, "--json")
+    assert run.status == 0, run
+    assert [(line["state"], line["cursor"]) for line in run.json_lines()] == [
+        ("progress", "k3x7f2ab-1"),
+        ("success", "k3x7f2ab-2"),
+    ]
+
+
 async def test_watch_says_a_reset_in_one_line_and_follows_the_task_on(reset_mid_task: str) -> None:
     run = await run_cli("watch", "t", "--url", reset_mid_task)
     assert run.status == 0, run
@@ -669,6 +698,98 @@ async def test_ctrl_c_without_a_terminal_says_the_same_on_stderr(server: Server)
     # The URL came from the environment, so the command needs no --url; no \r off a terminal.
     assert run.err == f"Stopped watching. Task {task_id} keeps running; cancel it with: progress-sse cancel {task_id}\n"
     assert all(json.loads(line)["task_id"] == task_id for line in run.lines)  # no line cut short
+
+
+# --- --notify: the end told by a desktop notifier, else the bell ------------------------------
+
+
+def fake_notify_send(directory: Any, status: int = 0) -> Path:
+    """A `notify-send` that records its arguments (one per line) and exits `status`."""
+    record = directory / "notify-send.args"
+    script = directory / "notify-send"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{record}"\nexit {status}\n')
+    script.chmod(0o755)
+    return record
+
+
+async def test_notify_rings_the_bell_on_stderr_once_the_task_ended_when_no_notifier_is_there(
+    reset_mid_task: str, tmp_path: Any
+) -> None:
+    # A PATH with no notify-send: the CLI runs from sys.executable and needs none.
+    run = await run_cli("watch", "t", "--url", reset_mid_task, "--notify", env=cli_env(PATH=str(tmp_path)))
+    assert run.status == 0, run
+    assert run.err == "\a"
+    assert "\a" not in run.out, "stdout is data: lines a script reads"
+    assert run.lines[-2:] == ["success 4/4 (100.0%)", "result: 1"]
+
+
+async def test_notify_on_a_terminal_rings_after_the_outcome_and_not_on_ctrl_c(
+    reset_mid_task: str, endless_task: str, tmp_path: Any
+) -> None:
+    status, raw = await run_in_pty("watch", "t", "--url", reset_mid_task, "--notify", env={"PATH": str(tmp_path)})
+    assert status == 0, raw
+    assert raw.count("\a") == 1
+    assert raw.index("\a") > raw.index("demo.slow succeeded"), "at the end, below what the task came to"
+    # Ctrl-C stops the watch, not the task: nothing ended, nothing to tell.
+    status, raw = await run_in_pty(
+        "watch", "t", "--url", endless_task, "--notify", interrupt_on="25.0% 1/4", env={"PATH": str(tmp_path)}
+    )
+    assert status == 130, raw
+    assert "\a" not in raw
+
+
+async def test_notify_uses_notify_send_when_it_is_on_the_path(reset_mid_task: str, tmp_path: Any) -> None:
+    record = fake_notify_send(tmp_path)
+    run = await run_cli("watch", "t", "--url", reset_mid_task, "--notify", env=cli_env(PATH=str(tmp_path)))
+    assert run.status == 0, run
+    assert record.read_text().splitlines() == ["--app-name=progress-sse", "--", "demo.slow succeeded", "Result: 1"]
+    assert run.err == "", "the notification told it: no bell"
+
+
+async def test_notify_falls_back_to_the_bell_when_notify_send_fails(reset_mid_task: str, tmp_path: Any) -> None:
+    record = fake_notify_send(tmp_path, status=1)  # as with no desktop session, over SSH
+    run = await run_cli("watch", "t", "--url", reset_mid_task, "--notify", "--json", env=cli_env(PATH=str(tmp_path)))
+    assert run.status == 0, run
+    assert record.exists()
+    assert run.err == "\a"
+    assert [line.get("state") for line in run.json_lines()][-1] == "success"
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("worker")
+async def test_start_watch_notify_tells_a_failure_with_its_error(server: Server, tmp_path: Any) -> None:
+    record = fake_notify_send(tmp_path)
+    run = await run_cli(
+        "start", "demo.fail", "--kw", "after=1", "--kw", "delay=0.01", "--watch", "--notify", "--url", base(server),
+        env=cli_env(PATH=str(tmp_path)),
+    )  # fmt: skip
+    assert run.status == 1, run
+    assert record.read_text().splitlines()[2:] == [
+        "demo.fail failed",
+        "RuntimeError: demo.fail gave up after 1 steps, as it was asked to",
+    ]
+
+
+async def test_notify_without_watch_is_a_usage_error() -> None:
+    run = await run_cli("start", "demo.count", "--notify")
+    assert run.status == 2 and "--notify apply to --watch" in run.err, run
+
+
+def test_the_notification_says_how_the_task_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    view = TaskView("t")
+    view.apply(event("revoked", 3, 10, reason="terminated", message="Task terminated"))
+    assert notify_words(view) == ("demo.x was cancelled", "Task terminated")
+    view.apply(event("failure", error={"type": "ValueError", "message": "bad\x1b[31m input"}))
+    assert notify_words(view) == ("demo.x failed", "ValueError: bad\\x1b[31m input")  # escaped, as everywhere
+    view.apply(event("success", 10, 10, result="x" * 500))
+    title, body = notify_words(view)
+    assert title == "demo.x succeeded" and len(body) == 200 and body.endswith("…")
+    # macOS: osascript, with the words as arguments, never quoted into the script.
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name == "osascript" else None)
+    command = notifier('say "hi"', "-body")
+    assert command is not None and command[0] == "/usr/bin/osascript"
+    assert command[-3:] == ["--", 'say "hi"', "-body"]
 
 
 def test_the_note_after_ctrl_c_never_says_an_ended_task_keeps_running(capsys: pytest.CaptureFixture[str]) -> None:

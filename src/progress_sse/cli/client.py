@@ -350,6 +350,10 @@ async def _final_state(session: aiohttp.ClientSession, base_url: str, task_id: s
 
 def _item(frame: SSEFrame, cursor: str | None) -> TaskEvent | Reset | None:
     """What `follow()` yields for a frame; None for one it ignores."""
+    if frame.event == "notice":
+        # The service's broadcast to every stream (POST /notices), not the task's;
+        # it has no `id:`, so it moves no cursor either.
+        return None
     if frame.event == "reset":
         return _reset(frame.data, cursor)
     return _task_event(frame.event, frame.data, cursor)

@@ -92,6 +92,12 @@ def add_parsers(sub: Any) -> None:
             help="after the connection drops, keep reconnecting (with backoff, resuming at the last event) for "
             f"this long before giving up with exit status 3 [env {RETRY_ENV}; default {DEFAULT_RETRY_FOR:g}]",
         )
+        p.add_argument(
+            "--notify",
+            action="store_true",
+            help="when the task ends, say so with a desktop notification (notify-send on Linux, osascript on "
+            "macOS, when on the PATH), else by ringing the terminal bell (a BEL on stderr)",
+        )
 
     watch = sub.add_parser(
         "watch",
@@ -194,8 +200,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         twice = sorted({key for key in keys if keys.count(key) > 1})
         if twice:
             parser.error(f"--kw {twice[0]} is given more than once")
-        if not args.watch and (args.json_lines or args.retry_for is not None):
-            parser.error("--json and --retry-for apply to --watch; add --watch or leave them out")
+        if not args.watch and (args.json_lines or args.retry_for is not None or args.notify):
+            parser.error("--json, --retry-for and --notify apply to --watch; add --watch or leave them out")
     try:
         base_url = _base_url(args.url)
         # Only a watch reconnects: `cancel` reads no PROGRESS_SSE_RETRY_FOR that could stop it.
@@ -322,6 +328,7 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
                 cursor=args.after,
                 url_flag=args.url,
                 token=token,
+                notify=args.notify,
             )
         try:
             started = await start_task(session, base_url, args.name, args.args, dict(args.kwargs), token=token)
@@ -347,6 +354,7 @@ async def _client_main(args: argparse.Namespace, base_url: str, retry_for: float
             cursor="0",
             url_flag=args.url,
             token=_watching_token(token, started.token, started.id),
+            notify=args.notify,
         )
 
 
@@ -378,16 +386,20 @@ async def watch(
     cursor: str | None = None,
     url_flag: str | None = None,
     token: str | None = None,
+    notify: bool = False,
 ) -> int:
     """Follow the task with the renderer that suits stdout; the exit status of its end.
 
     Cancelled (by Ctrl-C: `_interruptible`), it says on stderr that the task goes on
     and how to cancel it; `url_flag`, the --url given if any, goes into that command
-    (the token never does)."""
+    (the token never does). With `notify`, an end is told once the outcome is shown
+    (cli/notify.py); a watch that stops for any other reason tells nothing."""
     from .client import AccessRefused, ClientError, Reconnecting, Reset, follow
+    from .notify import announce_end
     from .terminal import make_renderer
 
     renderer = make_renderer(task_id, json_lines=json_lines)
+    ended: str | None = None
     try:
         with renderer:
             async for item in follow(session, base_url, task_id, cursor=cursor, policy=policy, token=token):
@@ -401,7 +413,8 @@ async def watch(
                     continue
                 renderer.event(item)
                 if item.terminal:
-                    return EXIT_STATUS.get(item.state, EXIT_FAILURE)
+                    ended = item.state
+                    break
     except AccessRefused as exc:  # also a reconnect refused because the token expired mid-stream
         return _refused(exc, token)
     except ClientError as exc:
@@ -411,8 +424,13 @@ async def watch(
         view = renderer.view
         _stopped_watching(task_id, view.state if view.terminal else None, url_flag)
         raise
-    # follow() ends only after a terminal event or by raising; this is for the type checker.
-    return EXIT_UNREACHABLE
+    if ended is None:  # follow() ends only after a terminal event or by raising: for the type checker
+        return EXIT_UNREACHABLE
+    if notify:
+        # After the with block, so the outcome (and the live row's last state) is on
+        # screen first. A notifier is a process to wait for: not on the event loop.
+        await asyncio.to_thread(announce_end, renderer.view)
+    return EXIT_STATUS.get(ended, EXIT_FAILURE)
 
 
 def _stopped_watching(task_id: str, ended_as: str | None, url_flag: str | None) -> None:
