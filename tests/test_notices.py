@@ -4,12 +4,14 @@ missing scopes get their errors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from progress_sse.config import Settings
+from progress_sse.connections import keys_for
 from progress_sse.tokens import operator_token, watch_token
 from progress_sse.web.notices import MAX_TEXT
 
@@ -19,6 +21,14 @@ from .sse import SSEEvent, SSEReader
 pytestmark = [pytest.mark.e2e, pytest.mark.both_backends, pytest.mark.usefixtures("worker")]
 
 SECRET = "the-notices-test-secret-is-long-enough"
+
+
+@pytest.fixture(autouse=True)
+def forget_notices(settings: Settings, redis_client: redis.Redis) -> Iterator[None]:
+    """A notice is kept for ten minutes, and every stream that opens is sent it: the
+    tests after these must not get theirs."""
+    yield
+    redis_client.delete(keys_for(settings).notice)
 
 
 async def post(server: Server, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:

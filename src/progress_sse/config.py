@@ -49,9 +49,14 @@ class Settings:
     worker_ttl: int = 30
     # "package.module:ATTRIBUTE" naming an AllowList; None means the demo tasks.
     allowlist: str | None = None
+    # Whether `progress-sse beat` sends the demo schedule (worker/schedule.py).
+    demo_schedule: bool = False
     # Access tokens (web/access.py): with neither key the service is open.
     secret: str | None = None  # HS256
     public_key: str | None = None  # PEM of an RSA or EC public key: RS256 / ES256
+    # A Prometheus scraper's static bearer token for GET /metrics (web/metrics.py), when
+    # tokens are on: it need not mint JWTs. An operator's token serves too.
+    metrics_token: str | None = None
     # Host headers accepted; None: loopback names when listening on loopback, else any.
     allowed_hosts: tuple[str, ...] | None = None
     cors_origins: tuple[str, ...] = ()
@@ -81,6 +86,9 @@ class Settings:
     # Seconds a worker or publisher keeps an event Redis did not take, trying it
     # again (worker/outbox.py; docs/protocol.md, Redis outages).
     outbox_ttl: int = 300
+    # How the server commands write their log: `text` lines, or one JSON object per
+    # line for a platform to parse (json_logs.py; cli/serve.py sets it up).
+    log_format: str = "text"
 
     @property
     def keyed(self) -> bool:
@@ -318,9 +326,23 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 _watcher_errors = _matching("message|type", "message (a failure's type and message) or type (its type alone)")
 _event_loop = _matching("auto|uvloop|asyncio", "auto (uvloop if it is installed), uvloop or asyncio")
+_log_format = _matching("text|json", "text (lines as written) or json (one JSON object per line)")
+# Sent as `Authorization: Bearer <token>`: visible ASCII only, long enough not to be guessed.
+_metrics_token = _matching(r"[!-~]{16,}", "16 or more visible ASCII characters, no spaces")
 
 
-_SERVERS = frozenset({"web", "worker", "dev"})
+def _switch(raw: str) -> bool:
+    word = raw.lower()
+    if word not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError("expected 1 or 0 (or true/false, yes/no, on/off)")
+    return word in ("1", "true", "yes", "on")
+
+
+def _switch_text(value: bool) -> str:
+    return "1" if value else "0"
+
+
+_SERVERS = frozenset({"web", "worker", "beat", "dev"})
 _WEB = frozenset({"web", "dev"})
 
 TABLE: tuple[Setting, ...] = (
@@ -388,6 +410,14 @@ TABLE: tuple[Setting, ...] = (
         _WEB,
         default_text="the demo tasks",
     ),
+    Setting(
+        "demo_schedule",
+        "PROGRESS_SSE_DEMO_SCHEDULE",
+        _switch,
+        "1: `progress-sse beat` sends the demo schedule (demo tasks every 20 s and every minute)",
+        default_text="0",
+        unparse=_switch_text,
+    ),
     # The keys have no flags: a command line is visible to every user of the machine.
     Setting(
         "secret",
@@ -403,6 +433,14 @@ TABLE: tuple[Setting, ...] = (
         _public_key,
         "PEM public key (or its file) for RS256/ES256 access tokens; set, every route needs a token",
         default_text="none: the service is open",
+    ),
+    Setting(
+        "metrics_token",
+        "PROGRESS_SSE_METRICS_TOKEN",
+        _metrics_token,
+        "static bearer token (16+ characters) a Prometheus scraper sends to GET /metrics when tokens are on",
+        default_text="none: with tokens on, /metrics needs an operator token",
+        sensitive=True,
     ),
     Setting(
         "allowed_hosts",
@@ -501,5 +539,13 @@ TABLE: tuple[Setting, ...] = (
         "PROGRESS_SSE_OUTBOX_TTL",
         _positive_int,
         "seconds a process keeps an event Redis did not take, trying it again, before dropping it",
+    ),
+    Setting(
+        "log_format",
+        "PROGRESS_SSE_LOG_FORMAT",
+        _log_format,
+        "log lines: text, or json: one JSON object per line (the access log's included), for a platform to parse",
+        "--log-format",
+        _SERVERS,
     ),
 )

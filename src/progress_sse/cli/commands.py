@@ -1,6 +1,6 @@
-"""`progress-sse web | worker | dev | watch | start | cancel`: the one command.
+"""`progress-sse web | worker | beat | dev | watch | start | cancel`: the one command.
 
-`web`, `worker` and `dev` run servers (serve.py); `watch`, `start` and `cancel`
+`web`, `worker`, `beat` and `dev` run servers (serve.py); `watch`, `start` and `cancel`
 are clients of a running server's HTTP API (watch.py, docs/cli.md).
 """
 
@@ -15,7 +15,7 @@ from . import serve, watch
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "worker" and rest:  # the worker passes what it does not know to Celery
+    if args.command not in ("worker", "beat") and rest:  # these pass what they do not know to Celery
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in watch.COMMANDS:
         return watch.run(parser, args)

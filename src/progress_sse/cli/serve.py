@@ -1,5 +1,6 @@
-"""The server commands: `web` and `worker` (the Procfile's processes) and `dev`
-(both, and an embedded Redis when none is around, under one supervisor).
+"""The server commands: `web`, `worker` and `beat` (the Procfile's processes) and
+`dev` (web and worker, beat with `--beat`, and an embedded Redis when none is
+around, under one supervisor).
 
 Every option falls back to its environment variable (config.TABLE), so the
 Procfile lines need no flags on a platform that sets `PORT` and `REDIS_URL`.
@@ -35,10 +36,14 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("web", "worker", "dev")
+COMMANDS = ("web", "worker", "beat", "dev")
 # Where `dev` differs from the Procfile's defaults: a laptop's dev server is for its
 # own user, so it listens on loopback unless told otherwise (HOST, --host).
 DEV_DEFAULTS = {"HOST": "127.0.0.1"}
@@ -75,6 +80,19 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     _setting_flags(worker, "worker")
     worker.add_argument("--concurrency", type=int, help="pool processes [Celery's default: one per CPU]")
+    beat = sub.add_parser(
+        "beat",
+        help="run Celery beat for the worker's app, with the bridge: what it sends is recorded (Procfile: beat)",
+        description="Runs `celery beat` for progress_sse.worker.app; options it does not know go to Celery. "
+        "Run one beat per deployment. It sends the demo schedule when PROGRESS_SSE_DEMO_SCHEDULE=1, else nothing.",
+    )
+    _setting_flags(beat, "beat")
+    beat.add_argument(
+        "--schedule",
+        metavar="PATH",
+        help="the file where beat keeps when each entry last ran "
+        "[default: progress-sse-beat-<uid>/<key prefix>.schedule in the temporary directory]",
+    )
     dev = sub.add_parser(
         "dev",
         help="run web + worker (+ an embedded Redis when none is around) in one command",
@@ -82,6 +100,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     _setting_flags(dev, "dev")
     dev.add_argument("--concurrency", type=int, default=2, help="worker pool processes [default 2]")
+    dev.add_argument(
+        "--beat",
+        action="store_true",
+        help="run Celery beat too, with the demo schedule: demo tasks arrive every 20 s and every minute",
+    )
 
 
 def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
@@ -90,7 +113,7 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
         config.check_broker(settings)  # before any child starts
     except ConfigError as exc:
         return failed(exc, 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging(settings)
     try:
         if args.command == "web":
             if args.process is not None:
@@ -98,11 +121,51 @@ def run(args: argparse.Namespace, rest: Sequence[str]) -> int:
             return _web(settings)
         if args.command == "worker":
             return _worker(settings, args.concurrency, rest)
+        if args.command == "beat":
+            return _beat(settings, args.schedule, rest)
         return _dev(settings, args)
     except ConfigError as exc:  # found while starting (an allow-list that does not import)
-        return failed(exc, 2)
+        return _failed(settings, exc, 2)
     except EmbeddedRedisError as exc:
-        return failed(exc, 1)
+        return _failed(settings, exc, 1)
+
+
+def _configure_logging(settings: Settings) -> None:
+    """The process's logging, in its format (PROGRESS_SSE_LOG_FORMAT). `json`: every
+    record as one JSON line on stderr, the access log's and Celery's included, and
+    Python's warnings as records too (json_logs.py)."""
+    if settings.log_format != "json":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return
+    from .. import json_logs
+
+    logging.basicConfig(level=logging.INFO, handlers=[json_logs.handler()])
+    logging.captureWarnings(True)
+    json_logs.use_in_celery()  # only acts if this process starts a Celery worker or beat
+    sys.excepthook = _log_uncaught  # a crash's traceback too, as one record with `exc`
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):  # Ctrl-C is no crash: as Python shows it
+        sys.__excepthook__(kind, value, traceback)
+        return
+    log.critical("progress-sse stopped on an uncaught exception", exc_info=(kind, value, traceback))
+
+
+def _say(settings: Settings, line: str) -> None:
+    """A line for whoever reads the output: printed, or in JSON a record like the rest."""
+    if settings.log_format == "json":
+        log.info("%s", line)
+    else:
+        print(line, flush=True)
+
+
+def _failed(settings: Settings, exc: Exception, status: int) -> int:
+    """`failed` once the logging is set up: in JSON, the error is a record."""
+    if settings.log_format != "json":
+        return failed(exc, status)
+    log.error("progress-sse: %s", exc)
+    return status
 
 
 def _setting_flags(command: argparse.ArgumentParser, name: str) -> None:
@@ -149,6 +212,9 @@ def _web_process(settings: Settings, process: int) -> int:
         print(f"{_ready_line(process, settings.web_workers)} (pid {os.getpid()})", flush=True)
 
     _run(_first_signal_stops(app), settings, print=listening, reuse_port=True, handle_signals=False)
+    from ..web import metrics
+
+    metrics.process_ended()  # its gauges leave the group's sums (its counters stay in)
     return 0
 
 
@@ -205,8 +271,11 @@ def _web_group(settings: Settings) -> int:
     try:
         _check_free(settings.host, settings.port)
     except OSError as exc:
-        return failed(OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"), 1)
+        return _failed(settings, OSError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"), 1)
     env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}  # the flags' values too
+    # Every process's metrics in files of this run's own, which a scrape of any one
+    # sums (web/metrics.py): new each run, so no earlier run's processes count.
+    env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir = tempfile.mkdtemp(prefix="progress-sse-metrics-")
     python = [sys.executable, "-m", "progress_sse", "web"]
     children = [
         supervisor.Child(
@@ -218,13 +287,26 @@ def _web_group(settings: Settings) -> int:
         )
         for i in range(1, processes + 1)
     ]
-    return supervisor.run(
-        children,
-        started=lambda: _announce(settings, processes),
-        name="progress-sse web",
-        together=True,
-        strict_stop=True,
-    )
+    try:
+        return supervisor.run(
+            children,
+            started=lambda: _announce(settings, processes),
+            name="progress-sse web",
+            together=True,
+            strict_stop=True,
+            **_group_output(settings, [child.name for child in children]),
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _group_output(settings: Settings, names: list[str]) -> dict[str, Any]:
+    """Where the group's supervisor writes: as ever, or in JSON only JSON lines (cli/json_output.py)."""
+    if settings.log_format != "json":
+        return {}
+    from .json_output import JsonLines
+
+    return {"out": JsonLines(sys.stderr, names), "err": JsonLines(sys.stderr, level=logging.ERROR)}
 
 
 def _starts_with(prefix: str) -> Callable[[str], bool]:
@@ -249,9 +331,12 @@ def _announce(settings: Settings, processes: int = 1) -> None:
     """The line that says the web serves, and what a user must know about its access."""
     where = f"http://{settings.host}:{settings.port}"
     group = f"; {processes} processes" if processes > 1 else ""
-    print(f"progress-sse web on {where} (Redis {redacted(settings.redis_url)}{group})", flush=True)
+    _say(settings, f"progress-sse web on {where} (Redis {redacted(settings.redis_url)}{group})")
     if settings.keyed:
-        print("progress-sse web: access tokens required on every route but /healthz and the page", flush=True)
+        _say(
+            settings,
+            "progress-sse web: access tokens required on every route but /healthz, /openapi.json and the page",
+        )
     elif not config.is_loopback(settings.host):
         log.warning(
             "progress-sse web listens on %s with NO ACCESS CONTROL: anyone who can reach it can start and "
@@ -270,17 +355,46 @@ def _worker(settings: Settings, concurrency: int | None, rest: Sequence[str]) ->
     _export(settings)
     from ..worker.app import app
 
-    argv = ["worker", "--loglevel=INFO", f"--queues={settings.queue}"]
+    argv = [*_celery_options(settings), "worker", "--loglevel=INFO", f"--queues={settings.queue}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     app.worker_main([*argv, *rest])
     return 0
 
 
+def _beat(settings: Settings, schedule: str | None, rest: Sequence[str]) -> int:
+    """`celery beat` for the worker's app. Importing the app installs the bridge in
+    this process, and `queued` is written by the process that sends a task
+    (before_task_publish), so each task beat sends is recorded as it is sent, as
+    the web's are; the worker records the rest."""
+    _export(settings)
+    from ..worker.app import app
+
+    path = Path(schedule) if schedule else default_schedule(settings)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not app.conf.beat_schedule:
+        log.warning(
+            "progress-sse beat: the schedule is empty, so beat sends nothing. PROGRESS_SSE_DEMO_SCHEDULE=1 turns "
+            "on the demo schedule; your own app's schedule runs with `celery -A yourapp beat` (README)"
+        )
+    log.info("progress-sse beat keeps its schedule state in %s", path)
+    status = app.start([*_celery_options(settings), "beat", "--loglevel=INFO", f"--schedule={path}", *rest])
+    return int(status or 0)
+
+
+def default_schedule(settings: Settings) -> Path:
+    """Where `beat` keeps its schedule state unless --schedule says: in the
+    temporary directory, not in the working directory (a checkout, a release), one
+    file per key prefix."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"progress-sse-beat-{user}" / f"{settings.key_prefix}.schedule"
+
+
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
-    """web + worker (+ an embedded Redis) as supervised child processes: if any of
-    them exits, the others are stopped and the run fails, naming it and its last
-    lines (cli/supervisor.py)."""
+    """web + worker (+ beat, + an embedded Redis) as supervised child processes: if
+    any of them exits, the others are stopped and the run fails, naming it and its
+    last lines (cli/supervisor.py). Beat keeps its schedule state in a temporary
+    directory of the run's own, removed when it stops."""
     from . import supervisor
     from .embedded import EmbeddedRedis, answers, listening
 
@@ -291,6 +405,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             env[variable] = value
     children: list[supervisor.Child] = []
     embedded: EmbeddedRedis | None = None
+    beat_dir: Path | None = None
     host = "localhost" if settings.host in ("0.0.0.0", "127.0.0.1", "::") else settings.host
     try:
         if "REDIS_URL" not in os.environ and args.redis_url is None:
@@ -310,16 +425,34 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             ),
             supervisor.Child("worker", [*python, "worker", f"--concurrency={args.concurrency}"], env),
         ]
+        if args.beat:
+            beat_dir = Path(tempfile.mkdtemp(prefix="progress-sse-beat-"))
+            beat = [*python, "beat", f"--schedule={beat_dir / 'schedule'}"]
+            children.append(supervisor.Child("beat", beat, {**env, "PROGRESS_SSE_DEMO_SCHEDULE": "1"}))
 
         def started() -> None:
             print(
                 f"progress-sse dev: the page is at http://{host}:{settings.port}/ (Ctrl-C stops everything)", flush=True
             )
+            if args.beat:
+                print(
+                    "progress-sse dev: beat sends demo.count every 20 s and demo.stages every minute, the first of "
+                    "each now; they are listed under Recent tasks on the page",
+                    flush=True,
+                )
 
         return supervisor.run(children, started=started)
     finally:
         if embedded is not None:
             embedded.cleanup()
+        if beat_dir is not None:
+            shutil.rmtree(beat_dir, ignore_errors=True)
+
+
+def _celery_options(settings: Settings) -> list[str]:
+    """`celery`'s own options before its command. In JSON, `--quiet`: the banner a
+    worker or beat prints at start is many lines of text, not a log record."""
+    return ["--quiet"] if settings.log_format == "json" else []
 
 
 def _export(settings: Settings) -> None:

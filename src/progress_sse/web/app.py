@@ -22,8 +22,8 @@ from ..connections import REDIS_ERRORS, hub_clients, keys_for, partition_clients
 from ..worker.celery_app import make_celery
 from ..worker.demo import DEMO_TASKS
 from ..worker.publisher import Publisher
-from . import feed, handlers, pages, reaper
-from .access import Access, guard
+from . import feed, handlers, metrics, openapi, pages, reaper
+from .access import Access, authorize, guard
 from .access_log import TokenlessAccessLogger
 from .context import ACCESS, ALLOWLIST, CELERY, HUB, PUBLISHER, REDIS, SETTINGS, STORE, STREAMS
 from .cors import Cors
@@ -32,6 +32,7 @@ from .errors import Handler, json_errors
 from .hub import Hub, Hubs
 from .limits import default_max_streams
 from .notices import NOTICES, Notices, post_notice
+from .request_id import echo_request_id
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ RUN_OPTIONS: dict[str, Any] = {
 }
 # Open to anyone even with a key set: they hold no task data (the page reads its
 # token from the URL fragment, which is never sent).
-PUBLIC_ROUTES = frozenset({"index", "static", "static_latest", "healthz"})
+PUBLIC_ROUTES = frozenset({"index", "static", "static_latest", "healthz", "openapi"})
 # (method, route) pairs a page on another origin may call (PROGRESS_SSE_CORS_ORIGINS).
 CORS_ROUTES = frozenset(
     {
@@ -102,6 +103,8 @@ def create_app(
     app.on_shutdown.append(_end_streams)
     app.on_response_prepare.append(_security_headers)
     app.on_response_prepare.append(cors.on_prepare)
+    app.on_response_prepare.append(echo_request_id)  # its access log line carries the same id
+    app.on_response_prepare.append(metrics.count_response)
     # One named resource per path: the names are what PUBLIC_ROUTES and CORS_ROUTES
     # (and url_for) refer to, whatever the method.
     routes: dict[tuple[str, str], dict[str, Handler]] = {
@@ -114,6 +117,10 @@ def create_app(
         ("/groups/{group_id}/events", "group_events"): {"GET": handlers.group_events},
         ("/healthz", "healthz"): {"GET": handlers.healthz},
         ("/notices", "notices"): {"POST": post_notice},
+        ("/openapi.json", "openapi"): {"GET": openapi.openapi_json},
+        ("/metrics", "metrics"): {
+            "GET": metrics.endpoint(settings.metrics_token, lambda request: authorize(request, "operator"))
+        },
     }
     for (path, name), methods in routes.items():
         resource = app.router.add_resource(path, name=name)
@@ -186,6 +193,8 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _public(request: web.Request) -> bool:
     name = request.match_info.route.name
+    if name == "metrics":  # a scraper's static token (PROGRESS_SSE_METRICS_TOKEN) is no JWT: its handler checks it
+        return metrics.bears_token(request, request.app[SETTINGS].metrics_token)
     if name == "task" and request.method in ("GET", "HEAD"):
         return pages.wants_html(request)  # the task page's shell; its data comes with the page's token
     return name in PUBLIC_ROUTES

@@ -43,6 +43,7 @@ from .. import cursors
 from ..cursors import Cursor, Places, Position
 from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
 from ..task_names import NameFilter
+from . import metrics
 from .access import GRANT, Access, authorize, authorize_feed, authorize_watch, frame_variant
 from .errors import UNAVAILABLE, error
 from .hub import Direct, Hub, Hubs, Signal, Watcher, news
@@ -182,6 +183,7 @@ class Live:
                     transport.abort()
                 raise ClientStalled(f"no bytes accepted for {self.write_timeout:g}s") from None
         self.watcher.last_write = self._clock()
+        metrics.written(data, WRITE_PIECE)
 
     def ping_if_quiet(self, now: float) -> None:
         """The heartbeat: a stream that wrote nothing for `heartbeat` seconds and is
@@ -197,6 +199,7 @@ class Live:
             return
         if transport.get_write_buffer_size() < transport.get_write_buffer_limits()[1]:
             transport.write(PING_CHUNK)
+            metrics.STREAM_BYTES.inc(len(PING_CHUNK))
             watcher.last_write = now
         else:
             watcher.deliver(Signal.PING)
@@ -268,6 +271,7 @@ class Live:
                             continue
                     # A resync, or a frame of a history this stream has not seen: read
                     # where its tasks stand since its position.
+                    metrics.STREAM_RESYNCS.inc()
                     caught = await catchup(at)
                     if not caught.lost:
                         batch += caught.frames
@@ -466,6 +470,7 @@ class EventStream:
             )
             raise try_later("this process serves as many streams as it may")
         self.open += 1
+        metrics.STREAMS_OPEN.inc()
         stream: Opened | None = None
         try:
             cursor = parse_cursor(request, self.store.keys.partitions)
@@ -478,6 +483,7 @@ class EventStream:
                 yield stream
         except ClientStalled as exc:
             self.stalled += 1
+            metrics.STREAMS_STALLED.inc()
             log.info("progress-sse disconnected a client of %s: %s", request.path, exc)
         except UNAVAILABLE as exc:
             if stream is not None and stream.response is not None and stream.response.prepared:
@@ -491,6 +497,7 @@ class EventStream:
             raise try_later("Redis is not answering") from None
         finally:
             self.open -= 1
+            metrics.STREAMS_OPEN.dec()
             if stream is not None and stream.live is not None:
                 self._lives.discard(stream.live)
 

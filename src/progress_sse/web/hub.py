@@ -34,6 +34,7 @@ from ..cursors import Position, parse_id
 from ..events import Frame
 from ..keys import Keys
 from ..task_names import NameFilter
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,13 @@ class _Flush:
     def run(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, []
+        written: list[bytes] = []  # counted once per flush, not per frame (web/metrics.py)
         for direct in pending:
             chunks, direct.chunks = direct.chunks or [], None
             if not direct.transport.is_closing():
                 direct.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                written += chunks
+        metrics.flushed(len(written), sum(map(len, written)))
 
 
 _flushes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Flush] = weakref.WeakKeyDictionary()
@@ -443,7 +447,7 @@ class Hub:
 
     @property
     def subscribed_tasks(self) -> set[str]:
-        return {self._keys.task_of_channel(c) for c in self._channels}
+        return {self._keys.task_of_channel(c) for c in self._channels if c != self._feed}
 
     @contextlib.asynccontextmanager
     async def watch(
@@ -460,6 +464,7 @@ class Hub:
             channel = self._channels.get(name)
             if channel is None:
                 channel = self._channels[name] = _Channel()
+                metrics.HUB_SUBSCRIPTIONS.inc()
             channel.watchers.add(watcher)
         self._dirty.set()
         try:
@@ -483,6 +488,7 @@ class Hub:
                     channel.watchers.discard(watcher)
                     if not channel.watchers:
                         del self._channels[name]
+                        metrics.HUB_SUBSCRIPTIONS.dec()
                         if not channel.ready.done():
                             channel.ready.cancel()
             self._dirty.set()
@@ -499,6 +505,7 @@ class Hub:
                 if self._closing:  # the cancellation may have been lost in redis-py's connect
                     return
                 self.connections += 1
+                metrics.HUB_CONNECTS.inc()
                 self.down = False
                 delay = self._backoff[0]
                 self._active.clear()
@@ -573,6 +580,7 @@ class Hub:
             # Not ours (someone PUBLISHed by hand): drop it, never let it stop the hub.
             log.warning("progress-sse ignored a malformed message on %s: %.80r", name, data)
             return
+        metrics.received(state, feed)
         self._follow(position, again=feed)
         channel = self._channels.get(name)
         if channel is None:

@@ -35,6 +35,7 @@ from ..events import State
 from ..keys import Keys
 from ..worker import broker as kombu
 from ..worker.publisher import Publisher
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ async def live_workers(client: aioredis.Redis, keys: Keys) -> int:
 def _mark_lost(publisher: Publisher, task_id: str, host: str) -> None:
     # Refused, harmlessly, if it ended meanwhile (or another web process was first).
     # Which worker goes in its own field, which only operators see (events.for_watcher).
-    publisher.finish(task_id, None, State.LOST, message=WORKER_GONE, reason="worker_gone", worker=host)
+    if publisher.finish(task_id, None, State.LOST, message=WORKER_GONE, reason="worker_gone", worker=host):
+        metrics.TASKS_LOST.labels("worker_gone").inc()  # by the one process that stored it
 
 
 @dataclass(eq=False)
@@ -173,6 +175,7 @@ async def reap_queued_once(
     for task_id in confirmed:
         if await asyncio.to_thread(_mark_message_lost, publisher, task_id):
             lost.append(task_id)
+            metrics.TASKS_LOST.labels("message_gone").inc()
     return lost
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -22,6 +23,7 @@ from ..cursors import STARTS, Cursor, Places, Position, Sealed, composite, new_e
 from ..events import CURSOR_UNKNOWN, Frame, is_terminal
 from ..history import READ_LUA, RENAME_LUA
 from ..keys import Keys
+from . import metrics
 
 _STATE_FIELDS = ("state", "seq", "latest", "events", "epoch")
 
@@ -118,7 +120,9 @@ class Store:
         pipe = self.partitions[partition].pipeline(transaction=True)
         pipe.eval(READ_LUA, 1, self.keys.history(partition), new_epoch())
         queue(pipe)
+        started = time.perf_counter()
         history, *replies = await pipe.execute()
+        metrics.REDIS_READS.observe(time.perf_counter() - started)
         return History(*history), replies
 
     async def start(

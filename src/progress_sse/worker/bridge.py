@@ -274,6 +274,15 @@ def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
         _announce(f"progress-sse: worker {hostname} records events in {_where(_publisher)}")
 
 
+@_never_raises
+def _on_beat_init(sender: Any = None, **kwargs: Any) -> None:
+    # `celery beat` records `queued` for each task it sends (before_task_publish runs
+    # in the sending process). Like a worker, it imports the app before its logging
+    # is set up, so this is where it can say where those events go.
+    if _publisher is not None and not _announced:
+        _announce(f"progress-sse: beat records the tasks it sends in {_where(_publisher)}")
+
+
 # Seconds a stopping process gives the starts and ends still waiting for Redis.
 OUTBOX_GRACE = 2.0
 
@@ -431,6 +440,7 @@ _HANDLERS = (
     (signals.task_received, _on_received),
     (signals.task_prerun, _on_prerun),
     (signals.worker_ready, _on_worker_ready),
+    (signals.beat_init, _on_beat_init),
     (signals.worker_shutdown, _on_worker_shutdown),
     (signals.worker_process_shutdown, _on_process_shutdown),
     (signals.task_retry, _on_retry),
