@@ -10,6 +10,8 @@ answered by the test with exactly those frames, and the rest is real.
 from __future__ import annotations
 
 import json
+import sys
+import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from progress_sse.tokens import feed_token, operator_token, watch_token
 from progress_sse.worker.publisher import Publisher
 
 from .browser import Page, page_for_test
-from .conftest import Server
+from .conftest import Server, Worker, worker_env
+from .test_beat import OWN_APP, own, process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.usefixtures("worker")]
 
@@ -470,3 +473,40 @@ async def test_a_posted_notice_reaches_every_open_page_and_one_that_reconnects(
     await first.wait_for_function("() => window.__noticeFrames.length > 0")  # sent again on connect
     assert await first.locator("#notices .broadcast").count() == 0
     await second.close()
+
+
+# --- beat, end to end -------------------------------------------------------------------------
+
+
+async def test_tasks_beat_sends_appear_on_the_page_and_finish_unasked(
+    settings: Settings,
+    make_server: Any,
+    page: Page,
+    tmp_path: Path,
+    output_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real `celery beat` of a user's own app (every second) and a real worker: the
+    view, opened before beat starts, shows its tasks from `queued` to success, though
+    nobody on the page (nor this test) knows their ids."""
+    mine = own(settings, "beat-page")
+    (tmp_path / "beatapp.py").write_text(textwrap.dedent(OWN_APP))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the worker imports it from there
+    server: Server = await make_server(mine)
+    worker = Worker(mine, output_dir / "beat-page-worker.log", concurrency=1, app="beatapp")
+    try:
+        worker.wait_ready()
+        await page.page.goto(server.url("/"))
+        await show_feed(page, "beatapp.")
+        beat = [sys.executable, "-m", "celery", "-A", "beatapp", "beat", f"--schedule={tmp_path / 'schedule'}"]
+        with process(beat, worker_env(mine), tmp_path, output_dir / "beat-page.log"):
+            done = page.page.locator('#feed .task[data-state="success"]')
+            await done.nth(1).wait_for(timeout=60_000)  # two runs of the schedule
+    finally:
+        worker.stop()
+    assert await done.nth(0).locator(".task-name").text_content() == "beatapp.tick"
+    frames: list[list[str]] = await page.page.evaluate("() => window.__feedFrames")
+    ended = await done.nth(1).locator(".task-id").text_content()
+    assert ended is not None
+    seen = [state for task_id, state in frames if task_id == ended]
+    assert seen[0] == "queued" and seen[-1] == "success", seen
