@@ -13,6 +13,7 @@ import { symbol } from "./card.js";
 const PREFERENCE_KEY = "progress-sse:notify"; // "off" once turned off; absent: on when permitted
 const OUTCOME = { success: "succeeded", failure: "failed", revoked: "was cancelled", lost: "was lost" };
 const MAX_BODY = 200;
+const TOLD_KEPT = 1000; // tasks remembered as told of: a feed brings new ones for ever
 
 export class CompletionNotices {
   constructor(button) {
@@ -31,14 +32,18 @@ export class CompletionNotices {
   }
 
   /**
-   * A watched task ended (`event`, its terminal event; `name`, what its card calls
-   * it). `onClick` runs when its notification is clicked.
+   * A task ended (`event`, its terminal event; `name`, what its card calls it).
+   * `onClick` runs when its notification is clicked. `tag`: the notification's;
+   * by default its own task's. The All tasks view gives its tasks one tag, so each
+   * of their notifications replaces the one before: a busy feed shows one, not a
+   * pile (the title counts them).
    */
-  taskEnded(event, name, onClick = null) {
+  taskEnded(event, name, onClick = null, tag = `progress-sse:${event.task_id}`) {
     if (document.visibilityState !== "hidden" || this.told.has(event.task_id)) return;
     this.told.add(event.task_id);
+    if (this.told.size > TOLD_KEPT) this.told.delete(this.told.values().next().value); // the oldest
     this._showInTitle(event, name);
-    if (this._enabled()) notify(event, name, onClick);
+    if (this._enabled()) notify(event, name, onClick, tag);
   }
 
   _showInTitle(event, name) {
@@ -85,11 +90,12 @@ export class CompletionNotices {
   }
 }
 
-function notify(event, name, onClick) {
+function notify(event, name, onClick, tag) {
   try {
     const notification = new Notification(`${name} ${OUTCOME[event.state] ?? event.state}`, {
       body: bodyOf(event),
-      tag: `progress-sse:${event.task_id}`, // one per task, even if told twice
+      tag,
+      renotify: true, // a replacement still says so
     });
     notification.onclick = () => {
       window.focus();

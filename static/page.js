@@ -457,7 +457,7 @@ const feedView = feedPanel
       base,
       token: pageToken,
       onWatch: watchFromFeed,
-      onEnded: (event, card) => completions.taskEnded(event, card.refs.name.textContent),
+      onEnded: (event, card) => completions.taskEnded(event, card.refs.name.textContent, null, "progress-sse:all-tasks"),
       onStatus: feedStatus,
       onNotice: (broadcast) => banner.show(broadcast),
     })

@@ -93,6 +93,22 @@ class SSEReader:
                 if predicate(event):
                     return events
 
+    @property
+    def cursor(self) -> str | None:
+        """The stream's last event id so far, as EventSource's: an `id:` alone moves it too."""
+        return self._decoder.last_event_id
+
+    async def cursor_moves(self, predicate: Any, timeout: float = 30) -> str:
+        """Read until the stream's last event id satisfies `predicate` (events that
+        come meanwhile are kept for next_event); that id."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.cursor):
+                chunk = await self.response.content.readany()
+                assert chunk, "the stream ended"
+                for frame in self._decoder.feed(chunk):
+                    self._items.append(SSEEvent(frame.id, frame.event, frame.data))
+        return str(self.cursor)
+
     async def rest(self, timeout: float = 30) -> list[SSEEvent]:
         """Every event until the server ends the stream."""
         events: list[SSEEvent] = []

@@ -455,6 +455,15 @@ def test_state_changes_alone_over_the_bound_become_one_resync() -> None:
     assert [f.seq for f in watcher.pending() if isinstance(f, Frame)] == [4], "and it goes on after"
 
 
+def test_an_overflow_keeps_the_notices_waiting_which_no_log_holds() -> None:
+    watcher = Watcher(["a", "b", "c"], limit=300)
+    notice = b'event: notice\ndata: {"id":"n1","text":"hi","ts":1}\n\n'
+    watcher.deliver(notice)
+    for seq, (task_id, state) in enumerate([("a", "queued"), ("b", "queued"), ("c", "queued")], start=1):
+        watcher.deliver(frame(task_id, seq, state))
+    assert watcher.pending() == [notice, Signal.RESYNC]
+
+
 async def test_close_watchers_sends_close_and_marks_them_closed(
     make_hub: Callable[..., Awaitable[HubUnderTest]],
 ) -> None:

@@ -41,7 +41,7 @@ from progress_sse.cli.embedded import free_port
 from progress_sse.config import ConfigError, Settings
 from progress_sse.json_logs import CeleryTaskJsonFormatter, JsonFormatter, fields
 from progress_sse.tokens import watch_token
-from progress_sse.web.access_log import TokenlessAccessLogger
+from progress_sse.web.access_log import TokenlessAccessLogger, without_tokens
 from progress_sse.web.request_id import HEADER, echo_request_id
 from progress_sse.web.request_id import of as request_id_of
 from progress_sse.worker.celery_app import make_celery
@@ -549,3 +549,22 @@ def test_the_worker_logs_json_lines_through_celerys_own_logging(settings: Settin
     assert (hello["task_id"], hello["task_name"], hello["logger"]) == (hello_id, "logs.hello", "log_format_tasks")
     assert failed["level"] == "ERROR"
     assert failed["exc"].startswith("Traceback") and "RuntimeError" in failed["exc"], "from a pool process"
+
+
+@pytest.mark.parametrize(
+    ("quoted", "shown"),
+    [
+        (
+            "Invalid char in url query: b'GET /feed?token=eyJhbGciOiJIUzI1NiJ9.PAYLOAD.SIG\\x01x HTTP/1.1'",
+            "Invalid char in url query: b'GET /feed?token=*** HTTP/1.1'",
+        ),
+        (
+            "Invalid header token: b'Authorization: Bearer abc.def.ghi\\x01'",
+            "Invalid header token: b'Authorization: Bearer ***'",
+        ),
+        ("b'GET /events?task=t1&token=secret&x=1 HTTP/1.1'", "b'GET /events?task=t1&token=***&x=1 HTTP/1.1'"),
+        ("a bare eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9.c2ln in a header", "a bare *** in a header"),
+    ],
+)
+def test_what_a_parse_error_quotes_of_a_request_reaches_the_log_without_its_token(quoted: str, shown: str) -> None:
+    assert without_tokens(quoted) == shown

@@ -398,3 +398,22 @@ async def test_with_two_processes_a_scrape_of_either_is_the_sum_of_both(
     status, output = group.stop()
     assert status == 0, output
     assert not directory.exists(), "the group removes its metrics directory"
+
+
+async def test_events_stored_are_counted_by_state_in_redis_the_same_for_every_process(
+    make_server: Any, settings: Settings, keys: Keys, publisher: Publisher
+) -> None:
+    """The write script counts what it stores, whoever publishes (here a publisher
+    as a worker's is): two web processes of the same Redis report the same totals."""
+    one: Server = await make_server(settings.with_(key_prefix=keys.prefix))
+    other: Server = await make_server(settings.with_(key_prefix=keys.prefix))
+    stored = "progress_sse_events_stored_total"
+    before = await scraped(one)
+    task_id = f"metrics-{uuid.uuid4().hex}"
+    for state in (State.QUEUED, State.STARTED, State.PROGRESS, State.PROGRESS, State.SUCCESS):
+        publisher.publish(make_event(task_id, "demo.count", state))
+    publisher.publish(make_event(task_id, "demo.count", State.PROGRESS))  # refused after the end: not stored
+    after, elsewhere = await scraped(one), await scraped(other)
+    moved = {state: after.value(stored, state=state) - before.value(stored, state=state) for state in State}
+    assert moved == {state: {"queued": 1, "started": 1, "progress": 2, "success": 1}.get(state, 0) for state in State}
+    assert all(elsewhere.value(stored, state=state) == after.value(stored, state=state) for state in State)

@@ -4,6 +4,8 @@ missing scopes get their errors."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,11 +13,11 @@ import pytest
 import redis
 
 from progress_sse.config import Settings
-from progress_sse.connections import keys_for
+from progress_sse.connections import hub_client_name, keys_for
 from progress_sse.tokens import operator_token, watch_token
 from progress_sse.web.notices import MAX_TEXT
 
-from .conftest import Server
+from .conftest import Server, kill_connections
 from .sse import SSEEvent, SSEReader
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_backends, pytest.mark.usefixtures("worker")]
@@ -114,3 +116,24 @@ async def test_posting_a_notice_needs_an_operator(make_server: Callable[..., Any
     assert status == 403 and "operator" in answer["error"]
     operator = {"Authorization": f"Bearer {operator_token(key=SECRET)}"}
     assert (await post(server, {"text": "hi"}, headers=operator))[0] == 202
+
+
+async def test_a_notice_stored_while_the_subscriber_was_away_is_shown_when_it_is_back(
+    server: Server, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Pub/sub keeps nothing for a connection that is down: the kept notice is read
+    again once the hub is subscribed again."""
+    task_id = await server.start_task("demo.count", n=200, delay=0.05)
+    try:
+        async with server.session.get(server.url(f"/tasks/{task_id}/events")) as resp:
+            reader = SSEReader(resp)
+            await reader.until(lambda e: e.event != "notice")
+            keys = keys_for(settings)
+            missed = {"id": "missed-1", "text": "said while you were away", "ts": 1.0, "expires": time.time() + 60}
+            redis_client.set(keys.notice, json.dumps(missed), ex=60)  # stored, its announcement unheard
+            assert kill_connections(redis_client, hub_client_name(settings.key_prefix)) == keys.partitions
+            shown = (await reader.until(notice("said while you were away")))[-1]
+        assert shown.payload == {"id": "missed-1", "text": "said while you were away", "ts": 1.0}
+    finally:
+        async with server.session.delete(server.url(f"/tasks/{task_id}")) as resp:
+            assert resp.status == 202

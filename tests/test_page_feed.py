@@ -39,12 +39,14 @@ SECRET = "page-feed-test-secret-0123456789-abcdefghijkl"
 # visible, so visibilityState is the test's to say, with the event a browser sends.
 NOTIFICATIONS = """
 window.__notifications = [];
+window.__notificationTags = [];
 window.__permissionRequests = 0;
 const NativeNotification = window.Notification;
 if (NativeNotification) {
   window.Notification = class extends NativeNotification {
     constructor(title, options = {}) {
       window.__notifications.push({ title, body: options.body ?? "" });
+      window.__notificationTags.push(options.tag ?? null);
       super(title, options);
     }
   };
@@ -410,6 +412,8 @@ async def test_a_task_of_the_all_tasks_view_ending_in_a_hidden_tab_is_notified_o
     elsewhere = await server.start_task("demo.count", n=2, delay=0.05)
     await wait_state(feed_card(page, elsewhere), page, "success")
     assert await notifications(page) == [{"title": "demo.count succeeded", "body": 'Result: {"processed":2}'}]
+    # The view's notifications share a tag: each replaces the one before, however busy the feed.
+    assert await page.page.evaluate("() => window.__notificationTags") == ["progress-sse:all-tasks"]
 
     both = await start_from_form(page, "demo.fail", after=1, delay=0.05)
     await wait_state(watched_card(page, both), page, "failure")

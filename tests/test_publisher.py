@@ -334,6 +334,7 @@ def test_a_retried_write_is_stored_once(publisher: Publisher, keys: Keys, redis_
         keys.recent(),
         keys.queued(),
         keys.feed_log(),
+        keys.stats(),
     ]
     first = publisher._append(keys=script_keys, args=args)
     again = publisher._append(keys=script_keys, args=args)

@@ -145,6 +145,11 @@ class Keys:
         """Where the write script announces what it adds to the feed."""
         return f"{self._roots[partition]}:feed:events"
 
+    def stats(self, partition: int = 0) -> str:
+        """Hash: state -> how many events of that state the write script stored in
+        the partition (GET /metrics' progress_sse_events_stored_total)."""
+        return f"{self._roots[partition]}:stats"
+
     @property
     def notice(self) -> str:
         """String with a TTL: the latest broadcast notice (web/notices.py), in the first

@@ -25,12 +25,10 @@ def is_prefix(pattern: str) -> bool:
 
 
 def matches(pattern: str, name: str) -> bool:
+    """A task of this name is one the pattern shows. Given another pattern as the
+    name, whether every name that one shows, this one shows too (a prefix ends in
+    a dot, so only a prefix can show what another prefix shows)."""
     return name.startswith(pattern) if is_prefix(pattern) else name == pattern
-
-
-def covers(pattern: str, other: str) -> bool:
-    """Every name `other` matches, `pattern` matches too."""
-    return other.startswith(pattern) if is_prefix(pattern) else other == pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +69,7 @@ class NameFilter:
             return True
         if self.everything:
             return False
-        return all(any(covers(grant, pattern) for grant in allowed.patterns) for pattern in self.patterns)
+        return all(any(matches(grant, pattern) for grant in allowed.patterns) for pattern in self.patterns)
 
     def __str__(self) -> str:
         return ",".join(self.patterns) or "every task"

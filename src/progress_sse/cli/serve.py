@@ -437,7 +437,7 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
             if args.beat:
                 print(
                     "progress-sse dev: beat sends demo.count every 20 s and demo.stages every minute, the first of "
-                    "each now; they are listed under Recent tasks on the page",
+                    "each now; press Show tasks on the page to watch them arrive",
                     flush=True,
                 )
 

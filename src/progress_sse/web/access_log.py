@@ -22,6 +22,18 @@ from . import request_id
 MASK = "***"
 # A token in the query of a URL a header names: the page that opened a stream (Referer).
 _TOKEN_IN_URL = re.compile(r"([?&]token=)[^&#\s]*")
+# In text quoted from a request (a parse error quotes the line it could not read):
+# a query's token, an Authorization header's credentials, anything shaped like a JWT.
+_TOKEN_IN_TEXT = re.compile(
+    r"(?P<keep>[?&]token=|authorization:\s*(?:bearer\s+)?)[^&#\s'\"]*|eyJ[\w-]*\.[\w-]*\.[\w-]*",
+    re.IGNORECASE,
+)
+
+
+def without_tokens(text: str) -> str:
+    """`text` (a request line or header quoted by a parse error) with every token
+    in it masked, for the log."""
+    return _TOKEN_IN_TEXT.sub(lambda m: (m.group("keep") or "") + MASK, text)
 
 
 class TokenlessAccessLogger(AccessLogger):

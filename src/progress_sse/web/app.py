@@ -119,7 +119,11 @@ def create_app(
         ("/notices", "notices"): {"POST": post_notice},
         ("/openapi.json", "openapi"): {"GET": openapi.openapi_json},
         ("/metrics", "metrics"): {
-            "GET": metrics.endpoint(settings.metrics_token, lambda request: authorize(request, "operator"))
+            "GET": metrics.endpoint(
+                settings.metrics_token,
+                lambda request: authorize(request, "operator"),
+                lambda request: request.app[STORE].stored_by_state(),
+            )
         },
     }
     for (path, name), methods in routes.items():
@@ -146,6 +150,17 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
         if frame:
             app[STREAMS].broadcast(frame)
 
+    async def reheard() -> None:  # the subscriber was away: a notice may have come meanwhile
+        before = notices.latest
+        try:
+            await notices.load(client)
+        except REDIS_ERRORS as exc:
+            log.warning("progress-sse could not read the latest notice: %s", exc)
+            return
+        after = notices.latest
+        if after is not None and (before is None or after.id != before.id) and notices.current():
+            app[STREAMS].broadcast(notices.current())
+
     hubs = [
         Hub(
             hub_redis[p],
@@ -154,7 +169,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
             new_epoch=functools.partial(store.new_epoch, partition=p),
             sharded=keys.cluster,
             partition=p,
-            on_control=heard if p == 0 else None,  # notices are announced on the first partition's
+            # Notices are announced on the first partition's control channel.
+            on_control=heard if p == 0 else None,
+            on_reconnect=reheard if p == 0 else None,
         )
         for p in range(keys.partitions)
     ]

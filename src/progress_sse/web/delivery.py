@@ -41,12 +41,12 @@ from aiohttp import web
 
 from .. import cursors
 from ..cursors import Cursor, Places, Position
-from ..events import HISTORY_LOST, PING, Frame, reset_frame, unknown_task_frame
+from ..events import PING, Frame, reset_frame, unknown_task_frame
 from ..task_names import NameFilter
 from . import metrics
 from .access import GRANT, Access, authorize, authorize_feed, authorize_watch, frame_variant
 from .errors import UNAVAILABLE, error
-from .hub import Direct, Hub, Hubs, Signal, Watcher, news
+from .hub import Direct, FeedWatcher, Hub, Hubs, Signal, Watcher, news
 from .incidents import Incidents
 from .store import Catchup, Start, Store
 
@@ -112,6 +112,9 @@ class Batch:
     frames: list[Frame]
     head: bytes = b""
     notices: bytes = b""
+    # After the frames: an `id:` alone, which moves the client's cursor past what a
+    # filtered feed passed (Live.pass_by).
+    trailer: bytes = b""
 
 
 class ClientStalled(Exception):
@@ -204,12 +207,12 @@ class Live:
         else:
             watcher.deliver(Signal.PING)
 
-    async def send(self, frames: Iterable[Frame], before: bytes = b"") -> None:
-        """`before`, then the frames, as this stream's client may see them, in one write."""
-        await self.write(before + b"".join(frame.bytes_for(self.variant) for frame in frames))
+    async def send(self, frames: Iterable[Frame], before: bytes = b"", after: bytes = b"") -> None:
+        """`before`, the frames as this stream's client may see them, then `after`, in one write."""
+        await self.write(before + b"".join(frame.bytes_for(self.variant) for frame in frames) + after)
 
     async def send_batch(self, batch: Batch) -> None:
-        await self.send(batch.frames, before=batch.notices + batch.head)
+        await self.send(batch.frames, before=batch.notices + batch.head, after=batch.trailer)
 
     def stamped(self, frames: list[Frame], places: Places) -> list[Frame]:
         """See `stamp`."""
@@ -237,6 +240,10 @@ class Live:
         at = dict(places)  # what the stream has: a live frame at or before it is no news
         # What the ids of the frames sent so far say it has (a cluster's: see `stamp`).
         ids = dict(places) if self.composite else {}
+        # A feed's: where its client's cursor stands (a cluster's is `ids`), which an
+        # `id:` alone moves past what it passed (`pass_by`).
+        feed = isinstance(self.watcher, FeedWatcher)
+        told = ids if self.composite else dict(places)
         left: set[tuple[int, str]] = set()  # histories this stream left: their stragglers are no news
         transport = self.request.transport
         if direct and not self.composite and transport is not None:
@@ -253,11 +260,15 @@ class Live:
                 batch: list[Frame] = []
                 pinged = False
                 notices = b""
+                passed: dict[int, Position] = {}
                 for item in [first, *self.watcher.pending()]:
                     if item is Signal.CLOSE:
                         break
                     if item is Signal.PING:
                         pinged = True
+                        continue
+                    if item is Signal.PASSED and feed:
+                        passed.update(self.watcher.take_passed())  # type: ignore[attr-defined]  # a FeedWatcher
                         continue
                     if isinstance(item, bytes):
                         notices += item
@@ -281,24 +292,53 @@ class Live:
                         yield Batch(self.stamped(batch, ids))
                         batch = []
                     left.update((p, place.epoch) for p, place in at.items())
-                    reset, upto = await restart(HISTORY_LOST)
+                    reset, upto = await restart(caught.reason)
+                    reset.frames = self.stamped(reset.frames, {})
                     at.clear()
                     at.update(upto)
                     ids = dict(upto) if self.composite else {}
+                    told = ids if self.composite else dict(upto)
                     yield reset
-                if batch or notices:
-                    yield Batch(self.stamped(batch, ids), notices=notices)
+                stamped = self.stamped(batch, ids)
+                trailer = self.pass_by(passed, at, told, stamped) if feed else b""
+                if stamped or notices or trailer:
+                    yield Batch(stamped, notices=notices, trailer=trailer)
                 elif pinged:
                     await self.write(PING)
         finally:
             self.watcher.direct = None
 
+    def pass_by(self, passed: dict[int, Position], at: Places, told: Places, sent: list[Frame]) -> bytes:
+        """A feed's place moves past the entries its filter passed (hub.FeedWatcher),
+        as a catch-up's read moves it past those it skipped; then its client is told
+        with an `id:` alone, which EventSource takes as its cursor and dispatches
+        nothing. `told`: the client's cursor before the frames `sent` now. b"" when
+        the client's cursor is where the stream stands."""
+        for partition, position in passed.items():
+            mine = at.get(partition)
+            if mine is not None and mine.epoch == position.epoch and position.n > mine.n:
+                at[partition] = position
+        if not self.composite:  # a cluster's `told` is its ids, which `stamped` moved
+            for frame in sent:
+                if frame.position is not None:
+                    told[frame.partition] = frame.position
+        lead = None
+        for partition, place in at.items():
+            mine = told.get(partition)
+            if mine is not None and mine.epoch == place.epoch and place.n > mine.n:
+                told[partition] = place
+                lead = partition
+        if lead is None:
+            return b""
+        cursor = cursors.composite(told, lead) if self.composite else str(told[lead])
+        return f"id: {cursor}\n\n".encode()
+
     async def reset(self, tasks: Collection[str], reason: str) -> tuple[Batch, Places]:
         """Start over: a reset frame, then each task's current state (read now), and
-        the places they are as of."""
+        the places they are as of (the frames as the stream's loop ids them: `batches`)."""
         start = await self.store.start(sorted(tasks), None)
         missing = [t.task_id for t in start.tasks if not t.known]
-        return Batch(self.stamped(start.frames(), {}), reset_frame(reason, missing)), start.upto
+        return Batch(start.frames(), reset_frame(reason, missing)), start.upto
 
 
 @dataclass(slots=True)

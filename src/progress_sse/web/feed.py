@@ -28,13 +28,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..cursors import Cursor, Places
+from ..cursors import STARTS, Cursor, Places, Position
 from ..events import CURSOR_UNKNOWN, FEED_TRIMMED, HISTORY_LOST, Frame, reset_frame
 from ..task_names import NameFilter, PatternError
-from .access import GRANT
+from .access import GRANT, authorize_feed
 from .context import SETTINGS, STREAMS
 from .delivery import Batch
 from .errors import error
+from .hub import FeedWatcher
 from .store import Catchup, History, Store, cursor_numbers, opened_places
 
 # The newest tasks whose states a feed without a cursor starts with, found among
@@ -107,11 +108,12 @@ class Feed:
     """The reads of one feed: where it starts, and what came after its places,
     of the task names `names` lets through."""
 
-    def __init__(self, store: Store, names: NameFilter, *, cap: int) -> None:
+    def __init__(self, store: Store, names: NameFilter, *, cap: int, floor: Places | None = None) -> None:
         self.store, self.names, self.cap = store, names, cap
         self.partitions = range(store.keys.partitions)
-        # Why the last catch-up could not go on: what `restart` tells the client.
-        self._lost_by: str | None = None
+        # The stream's watcher's (hub.FeedWatcher.floor): where what was trimmed
+        # held nothing the stream still needs, though its place is further back.
+        self.floor = floor if floor is not None else {}
 
     async def start(self, cursor: Cursor | None) -> FeedStart:
         """The entries after `cursor`, or the newest tasks' states without one (or
@@ -126,7 +128,8 @@ class Feed:
             return await self._states(CURSOR_UNKNOWN)
         frames: list[Frame] = []
         for partition, (history, trimmed, entries) in zip(numbers, read, strict=True):
-            if trimmed > base[partition].n:
+            # `0` asks for every entry kept, however many went before them.
+            if trimmed > base[partition].n and cursor != STARTS:
                 return await self._states(FEED_TRIMMED)
             frames += self._frames(partition, history, entries)
         upto = {p: h.upto for p, h in histories.items()}
@@ -143,23 +146,29 @@ class Feed:
         read = await asyncio.gather(*(self._after(p, places[p].n) for p in partitions))
         upto = dict(places)
         frames: list[Frame] = []
-        lost = False
+        lost: str | None = None
         for partition, (history, trimmed, entries) in zip(partitions, read, strict=True):
             upto[partition] = history.upto
             if await self.store.lost(partition, history, places[partition]):
-                self._lost_by, lost = HISTORY_LOST, True
-            elif trimmed > places[partition].n:
-                self._lost_by, lost = FEED_TRIMMED, True
+                lost = HISTORY_LOST
+            elif trimmed > self._needed_after(partition, places[partition]):
+                lost = lost or FEED_TRIMMED
             else:
                 frames += self._frames(partition, history, entries)
-        return Catchup([] if lost else frames, upto, lost)
+        if lost is not None:
+            return Catchup([], upto, lost=True, reason=lost)
+        return Catchup(frames, upto, lost=False)
+
+    def _needed_after(self, partition: int, at: Position) -> int:
+        """The number after which the stream still needs what the log holds."""
+        floor = self.floor.get(partition)
+        return floor.n if floor is not None and floor.epoch == at.epoch and floor.n > at.n else at.n
 
     async def restart(self, reason: str) -> tuple[Batch, Places]:
         """Start over from current states, after a reset frame: the history was
         lost, or the log was trimmed past the feed's place (a client so slow that
         its inbox overflowed, and the log moved on meanwhile)."""
         start = await self._states()
-        reason, self._lost_by = self._lost_by or reason, None
         return Batch(start.frames, reset_frame(reason, [])), start.upto
 
     async def _after(self, partition: int, after: int) -> tuple[History, int, list[Any]]:
@@ -177,7 +186,8 @@ class Feed:
             # An entry of a lost history (its sequence was lost alone, and numbered
             # from the start again) is no place in this one.
             if f.get("e") == epoch and self.names.match(f["n"]):
-                frames.append(Frame(f["t"], _number(entry_id), f["s"], f["d"], epoch, partition, name=f["n"]))
+                name = f["n"] or None
+                frames.append(Frame(f["t"], _number(entry_id), f["s"], f["d"], epoch, partition, name=name))
         return frames
 
     async def _states(self, reset: str | None = None, *, partitions: Collection[int] | None = None) -> FeedStart:
@@ -215,12 +225,15 @@ def _number(entry_id: str) -> int:
 
 def requested_names(request: web.Request) -> NameFilter:
     """`?name=` (repeated or comma-separated; `reports.` a prefix), or 400. A token
-    with a feed scope and no filter asked for sees its scope's names."""
+    with a feed scope and no filter asked for sees its scope's names. A token that
+    may see no feed at all is refused first, whatever it asked for."""
+    grant = request[GRANT]
+    if not grant.operator and grant.feed.everything:
+        authorize_feed(request, NameFilter())  # the 403: the request's filter is no concern of it
     try:
         names = NameFilter.parse(request.query.getall("name", []))
     except PatternError as exc:
         raise error(web.HTTPBadRequest, str(exc)) from None
-    grant = request[GRANT]
     if names.everything and not grant.operator and not grant.feed.everything:
         return grant.feed
     return names
@@ -229,8 +242,9 @@ def requested_names(request: web.Request) -> NameFilter:
 async def serve(request: web.Request) -> web.StreamResponse:
     streams = request.app[STREAMS]
     names = requested_names(request)
-    feed = Feed(streams.store, names, cap=request.app[SETTINGS].feed_max)
     async with streams.opened(request, [], feed=names) as stream:
+        assert isinstance(stream.watcher, FeedWatcher)
+        feed = Feed(streams.store, names, cap=request.app[SETTINGS].feed_max, floor=stream.watcher.floor)
         start = await feed.start(stream.cursor)
         live = await stream.begin()
         head = reset_frame(start.reset, []) if start.reset else b""

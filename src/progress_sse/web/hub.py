@@ -47,6 +47,9 @@ class Signal(enum.Enum):
     # The stream has been quiet for a heartbeat, but its socket is not taking bytes
     # fast: write the ping the stream's own way, which lets go of a stalled client.
     PING = "ping"
+    # A feed passed entries of names it does not show: its place may move past them
+    # (FeedWatcher.passed), and its client's cursor with it.
+    PASSED = "passed"
 
 
 # Bytes: a frame that is no task's (a broadcast notice, web/notices.py), written as it is.
@@ -265,7 +268,8 @@ class Watcher:
         self._items = kept
         self._bytes = sum(len(item.encoded) for item in kept if isinstance(item, Frame))
         if self._bytes > self._limit:  # state changes alone: read them back from the log
-            self._items = [Signal.CLOSE] if Signal.CLOSE in kept else [Signal.RESYNC]
+            notices = [item for item in kept if isinstance(item, bytes)]  # no log holds them
+            self._items = [*notices, Signal.CLOSE if Signal.CLOSE in kept else Signal.RESYNC]
             self._bytes = 0
 
     @property
@@ -308,19 +312,46 @@ class Watcher:
 
 class FeedWatcher(Watcher):
     """The inbox of an all-tasks feed (web/feed.py): the hub's feed frames of the
-    names it shows. The others never reach it, so they neither take room in it
-    nor move its place: a cursor of the feed covers what it showed."""
+    names it shows. The others take no room in it, but the feed passed them: it
+    keeps where (`passed`, a place per partition), and PASS_EVERY seconds after
+    the first it passed tells its stream (Signal.PASSED), which moves its place
+    and its client's cursor past all it passed by then. Otherwise a narrow filter
+    on a busy service would keep a place so far back that the capped log no
+    longer reaches it (a reset for nothing, after any reconnect)."""
 
-    __slots__ = ("names",)
+    __slots__ = ("_timer", "floor", "names", "passed")
+
+    PASS_EVERY = 1.0
 
     def __init__(self, names: NameFilter, *, limit: int) -> None:
         super().__init__((), limit=limit)
         self.names = names
+        self.passed: dict[int, Position] = {}
+        # Per partition, a number below which every entry it shows has left its
+        # inbox: entries trimmed from the log below it were none it still needs
+        # (web/feed.py reads it when the log was trimmed past the stream's place).
+        self.floor: dict[int, Position] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
     def deliver(self, item: Item) -> None:
         if isinstance(item, Frame) and not self.names.match(item.name):
+            if item.position is not None:
+                self.passed[item.partition] = item.position
+                if not self._items:
+                    self.floor[item.partition] = item.position
+                if self._timer is None and not self.closed:
+                    self._timer = asyncio.get_running_loop().call_later(self.PASS_EVERY, self._tell)
             return
         super().deliver(item)
+
+    def _tell(self) -> None:
+        self._timer = None
+        if not self.closed:
+            super().deliver(Signal.PASSED)
+
+    def take_passed(self) -> dict[int, Position]:
+        passed, self.passed = self.passed, {}
+        return passed
 
 
 class _Channel:
@@ -351,6 +382,7 @@ class Hub:
         sharded: bool = False,
         partition: int = 0,
         on_control: Callable[[str], None] | None = None,
+        on_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         # `client` must not retry on its own: redis-py's pub/sub would reconnect
         # and resubscribe silently, and the messages in between would be lost.
@@ -366,6 +398,9 @@ class Hub:
         # first partition's: web/notices.py) goes to `on_control`.
         self._control = keys.control_channel(partition)
         self._on_control = on_control
+        # Run once subscribed again after a drop: what was published meanwhile on
+        # the control channel is lost to pub/sub (a notice's is kept: web/notices.py).
+        self._on_reconnect = on_reconnect
         self._buffer = buffer
         self._subscribe_timeout = subscribe_timeout
         self._idle_ping = idle_ping
@@ -515,6 +550,8 @@ class Hub:
                 self._dirty.set()
                 if not first:
                     self._resync = self._spawn(self._resync_all())
+                    if self._on_reconnect is not None:
+                        self._spawn(self._on_reconnect())
                 first = False
                 await self._read(pubsub)
             except (RedisError, OSError) as exc:
@@ -585,7 +622,7 @@ class Hub:
         channel = self._channels.get(name)
         if channel is None:
             return  # unsubscribed meanwhile
-        frame = Frame(task_id, position.n, state, payload, position.epoch, self.partition, name=task_name)
+        frame = Frame(task_id, position.n, state, payload, position.epoch, self.partition, name=task_name or None)
         for watcher in channel.watchers:
             watcher.deliver(frame)
 

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily
 
+from ..connections import REDIS_ERRORS
 from ..events import CURSOR_UNKNOWN, FEED_TRIMMED, HISTORY_LOST, State
+
+log = logging.getLogger(__name__)
 
 # Read when prometheus-client is imported, as prometheus-client itself does: set,
 # every value lives in a file of this process's there.
@@ -157,29 +162,62 @@ def bears_token(request: web.Request, token: str | None) -> bool:
 
 
 def endpoint(
-    token: str | None, authorize: Callable[[web.Request], object]
+    token: str | None,
+    authorize: Callable[[web.Request], object],
+    stored: Callable[[web.Request], Awaitable[dict[str, int]]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """`GET /metrics`: for a request that bears `token`, else one `authorize` lets
-    through (it raises 401 or 403 otherwise; app.py: the operator scope)."""
+    through (it raises 401 or 403 otherwise; app.py: the operator scope). `stored`
+    reads the events stored by state from Redis (web/store.py): the write script
+    counts them there, so every process reports the same totals."""
 
     async def serve_metrics(request: web.Request) -> web.StreamResponse:
         if not bears_token(request, token):
             authorize(request)
+        try:
+            counts: dict[str, int] | None = await stored(request)
+        except REDIS_ERRORS as exc:  # the rest is still worth a scrape
+            log.warning("progress-sse could not read the stored events' counts for /metrics: %s", exc)
+            counts = None
         # Off the event loop: with several processes it reads each one's files.
-        body = await asyncio.to_thread(exposition)
+        body = await asyncio.to_thread(exposition, counts)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
 
     return serve_metrics
 
 
-def exposition() -> bytes:
+def exposition(stored: dict[str, int] | None = None) -> bytes:
     """Every metric in the text format: this process's (with prometheus-client's own
-    process_ and python_ ones), or, with PROMETHEUS_MULTIPROC_DIR, every process's summed."""
+    process_ and python_ ones), or, with PROMETHEUS_MULTIPROC_DIR, every process's
+    summed; then the events stored by state (read from Redis, not summed)."""
     if MULTIPROCESS_DIR is None:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
-    return generate_latest(registry)
+        body = generate_latest(REGISTRY)
+    else:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+        body = generate_latest(registry)
+    if stored is None:
+        return body
+    family = CounterMetricFamily(
+        "progress_sse_events_stored",
+        "Events the write script stored, by state, over every worker and web process (counted in Redis).",
+        labels=["state"],
+    )
+    for state in sorted({*map(str, State), *stored}):
+        family.add_metric([state], stored.get(state, 0))
+    extra = CollectorRegistry()
+    extra.register(_Fixed(family))
+    return body + generate_latest(extra)
+
+
+class _Fixed:
+    """A collector of one family read beforehand (prometheus-client collects synchronously)."""
+
+    def __init__(self, family: CounterMetricFamily) -> None:
+        self.family = family
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [self.family]
 
 
 def process_ended() -> None:

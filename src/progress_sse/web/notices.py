@@ -121,4 +121,4 @@ async def post_notice(request: web.Request) -> web.Response:
         )
     store = request.app[STORE]
     notice = await request.app[NOTICES].post(store.partitions[0], text)
-    return web.json_response({**notice.body(), "expires": notice.expires}, status=202)
+    return web.json_response({**notice.body(), "expires": notice.expires}, status=202, dumps=dumps)

@@ -54,6 +54,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ..config import ConfigError, Settings
 from ..events import dumps
+from .access_log import without_tokens
 from .context import SETTINGS
 from .incidents import Incidents
 from .limits import fd_limit, max_connections
@@ -214,7 +215,8 @@ class Connection(RequestHandler):
             text = "The server failed to answer this request; its log has the error."
         else:
             reason = _one_line(exc if isinstance(exc, HttpProcessingError) else message or "malformed request")
-            log.warning("Malformed request from %s: %s; answered %d", request.remote, reason, status)
+            # What it quotes of the request may hold a token: the client sees its own, the log none.
+            log.warning("Malformed request from %s: %s; answered %d", request.remote, without_tokens(reason), status)
             text = f"The request could not be read as HTTP: {reason}."
         if request.writer.output_size > 0:  # as aiohttp: too late for a response
             raise ConnectionError("Response is sent already, cannot send another response with the error message")

@@ -20,7 +20,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from ..cursors import STARTS, Cursor, Places, Position, Sealed, composite, new_epoch
-from ..events import CURSOR_UNKNOWN, Frame, is_terminal
+from ..events import CURSOR_UNKNOWN, HISTORY_LOST, Frame, is_terminal
 from ..history import READ_LUA, RENAME_LUA
 from ..keys import Keys
 from . import metrics
@@ -72,6 +72,9 @@ class Catchup:
     upto: Places
     # The history the position belongs to is gone: the stream must start over.
     lost: bool
+    # Why, for the reset frame (events.py): the history was lost, or (the all-tasks
+    # feed, web/feed.py) its capped log no longer reaches the position.
+    reason: str = HISTORY_LOST
 
 
 class Store:
@@ -255,6 +258,18 @@ class Store:
         if now.epoch == was.epoch:
             await self.new_epoch(now.epoch, partition)
         return True
+
+    async def stored_by_state(self) -> dict[str, int]:
+        """How many events of each state the write script has stored, in every
+        partition (keys.py `stats`)."""
+        pipe = self.client.pipeline(transaction=False)
+        for partition in range(self.keys.partitions):
+            pipe.hgetall(self.keys.stats(partition))
+        totals: dict[str, int] = {}
+        for counts in await pipe.execute():
+            for state, count in counts.items():
+                totals[state] = totals.get(state, 0) + int(count)
+        return totals
 
     async def new_epoch(self, lost: str, partition: int = 0) -> str:
         """Give the partition's history a new name if it is still called `lost`; the

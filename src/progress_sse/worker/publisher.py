@@ -77,6 +77,7 @@ if prev and cur[4] ~= epoch and tonumber(cur[3]) > since then
   events, renewed = 0, nil
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-0', 's', ARGV[3], 'd', ARGV[4])
+redis.call('HINCRBY', KEYS[7], ARGV[3], 1)
 -- Everything the state hash learns, in one HSET.
 local fields = {{'state', ARGV[3], 'seq', seq, 'epoch', epoch, 'latest', ARGV[4], 'eid', ARGV[8], 'events', events + 1}}
 local time = redis.call('TIME')
@@ -87,11 +88,12 @@ if renew then
   fields[#fields + 1] = now
 end
 -- The all-tasks feed takes every change of state, and a task's progress at most
--- once an interval (ARGV[11], ms): its readers want to see tasks, not every step.
+-- once an interval (ARGV[11], ms) since its last progress there (`fed`): its
+-- readers want to see tasks, not every step.
 local now_ms = now * 1000 + math.floor(tonumber(time[2]) / 1000)
 local fed = tonumber(cur[8])
 local feed = ARGV[3] ~= 'progress' or not fed or now_ms - fed >= tonumber(ARGV[11])
-if feed then
+if feed and ARGV[3] == 'progress' then
   fields[#fields + 1] = 'fed'
   fields[#fields + 1] = now_ms
 end
@@ -198,6 +200,7 @@ class Publisher:
                 self.keys.recent(partition),
                 self.keys.queued(partition),
                 self.keys.feed_log(partition),
+                self.keys.stats(partition),
             ],
             args=[
                 self.keys.channel(task_id),
