@@ -29,6 +29,7 @@ from progress_sse.worker.publisher import Publisher
 from .browser import Page, page_for_test
 from .conftest import Server, Worker, worker_env
 from .test_beat import OWN_APP, own, process
+from .test_page import start_from_form as start_watched
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.usefixtures("worker")]
 
@@ -116,16 +117,8 @@ async def show_feed(page: Page, names: str = "") -> None:
 
 
 async def start_from_form(page: Page, name: str, **values: Any) -> str:
-    form = page.page.locator(f'form[data-task-name="{name}"]')
-    for field, value in values.items():
-        await form.locator(f'input[name="{field}"]').fill(str(value))
-    async with page.page.expect_response(lambda r: r.url.endswith("/tasks") and r.request.method == "POST") as info:
-        await form.get_by_role("button", name="Start").click()
-    response = await info.value
-    assert response.status == 202, await response.text()
-    task_id: str = (await response.json())["id"]
-    await watched_card(page, task_id).wait_for()
-    return task_id
+    """test_page.py's, waiting for the watched card (the task may be in All tasks too)."""
+    return await start_watched(page, name, shown=watched_card, **values)
 
 
 async def wait_state(card: Any, page: Page, *states: str, timeout: float = 30) -> None:

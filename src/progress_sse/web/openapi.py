@@ -509,6 +509,21 @@ def stream(
     return {"get": get, "head": head}
 
 
+def _json_body(schema: str) -> dict[str, Any]:
+    """A request body of JSON (web/handlers.py `json_object` reads it)."""
+    return {
+        "required": True,
+        "description": f"At most {MAX_BODY // 1024} KiB.",
+        "content": {JSON: {"schema": _ref(schema)}},
+    }
+
+
+_BAD_BODY = "The body is not JSON, not a JSON object, or could not be read"
+# What json_object answers before a handler looks at the body's content.
+_BODY_REFUSED = {
+    413: _error(f"The body is larger than {MAX_BODY // 1024} KiB."),
+    415: _error("The Content-Type is not `application/json`."),
+}
 _TASK_ID = _ref("TaskId", "parameters")
 _GROUP_ID = _ref("GroupId", "parameters")
 _CURSORS = [_ref("LastEventIdHeader", "parameters"), _ref("LastEventIdQuery", "parameters")]
@@ -531,20 +546,15 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
             tag="tasks",
             description="Queues the task: its `queued` event is stored before the task reaches the broker. "
             "Token scope: `start` lists the body's `name`.",
-            body={
-                "required": True,
-                "description": f"At most {MAX_BODY // 1024} KiB.",
-                "content": {JSON: {"schema": _ref("StartTask")}},
-            },
-            bad_request="The body is not JSON, not a JSON object, or could not be read",
+            body=_json_body("StartTask"),
+            bad_request=_BAD_BODY,
             responses={
                 202: {
                     "description": "Queued.",
                     "headers": {"Location": _header("The task's URL (`status_url`).")},
                     "content": {JSON: {"schema": _ref("StartedTask")}},
                 },
-                413: _error(f"The body is larger than {MAX_BODY // 1024} KiB."),
-                415: _error("The Content-Type is not `application/json`."),
+                **_BODY_REFUSED,
                 422: _error(
                     "The name is not on the allow-list, `args` is not an array, `kwargs` not an object, "
                     "or a parameter is unknown, given twice or refused by the task's check."
@@ -676,16 +686,11 @@ PATHS: dict[str, dict[str, dict[str, Any]]] = {
             tag="service",
             description="An `event: notice` frame to every stream of every web process; the latest is kept "
             f"for {NOTICE_TTL // 60} minutes for the streams that open meanwhile. Token scope: `operator`.",
-            body={
-                "required": True,
-                "description": f"At most {MAX_BODY // 1024} KiB.",
-                "content": {JSON: {"schema": _ref("NewNotice")}},
-            },
-            bad_request="The body is not JSON, not a JSON object, or could not be read",
+            body=_json_body("NewNotice"),
+            bad_request=_BAD_BODY,
             responses={
                 202: {"description": "Sent.", "content": {JSON: {"schema": _ref("PostedNotice")}}},
-                413: _error(f"The body is larger than {MAX_BODY // 1024} KiB."),
-                415: _error("The Content-Type is not `application/json`."),
+                **_BODY_REFUSED,
                 422: _error(f"The text is missing, not a string, empty, or longer than {MAX_TEXT} characters."),
                 503: _ref("RedisDown", "responses"),
             },
