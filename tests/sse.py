@@ -176,11 +176,12 @@ async def follow(
 ) -> list[SSEEvent]:
     """Every frame of a stream as an EventSource gets them: when the stream breaks
     or ends before each of `tasks` has ended, reconnect with the last id (after
-    0.2 s, its retry delay: the client's manners, not a wait for anything)."""
+    0.2 s, its retry delay: the client's manners, not a wait for anything). A
+    stream that never ends on its own (the feed) is left once they have."""
     frames: list[SSEEvent] = []
     ended: set[str] = set()
     async with asyncio.timeout(timeout):
-        while ended != set(tasks):
+        while not ended >= set(tasks):
             headers = {"Last-Event-ID": cursor} if cursor else {}
             try:
                 async with session.get(url, headers=headers) as resp:
@@ -193,8 +194,10 @@ async def follow(
                             cursor = event.id or cursor
                             if event.terminal:
                                 ended.add(event.payload["task_id"])
+                                if ended >= set(tasks):
+                                    break
             except (aiohttp.ClientError, ConnectionError):
                 pass
-            if ended != set(tasks):
+            if not ended >= set(tasks):
                 await asyncio.sleep(0.2)
     return frames

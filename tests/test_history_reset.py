@@ -260,8 +260,13 @@ async def test_a_redis_restart_without_data_resets_every_open_stream_and_they_fo
         await asyncio.to_thread(worker.wait_ready)
         server: Server = await make_server(own)
         tasks = [await server.start_task("demo.count", n=40, delay=0.2) for _ in range(2)]
-        watched = [tasks, tasks[:1], tasks[1:]]
-        paths = [f"/events?task={tasks[0]}&task={tasks[1]}", f"/tasks/{tasks[0]}/events", f"/tasks/{tasks[1]}/events"]
+        watched = [tasks, tasks[:1], tasks[1:], tasks]
+        paths = [
+            f"/events?task={tasks[0]}&task={tasks[1]}",
+            f"/tasks/{tasks[0]}/events",
+            f"/tasks/{tasks[1]}/events",
+            "/feed?name=demo.count",  # the all-tasks feed: the same reset, from its own log
+        ]
         clients = [
             asyncio.create_task(follow(server.session, server.url(path), mine))
             for path, mine in zip(paths, watched, strict=True)

@@ -745,7 +745,7 @@ class Hubs:
             hub.close_watchers()
 
     def feed_watcher(self, names: NameFilter) -> FeedWatcher:
-        return FeedWatcher(names, limit=self._buffer)
+        return self.hubs[0].feed_watcher(names)  # one watcher, subscribed through every hub
 
     @property
     def running(self) -> bool:

@@ -70,6 +70,7 @@ class Notices:
     def __init__(self, keys: Keys) -> None:
         self.keys = keys
         self.latest: Notice | None = None
+        self._frame = b""  # the latest's, encoded once: every stream that opens is sent it
         self._script = _POST_LUA.replace("{publish}", "SPUBLISH" if keys.cluster else "PUBLISH")
 
     @property
@@ -79,7 +80,7 @@ class Notices:
     def current(self) -> bytes:
         """The latest notice's frame, while it is kept; else nothing."""
         latest = self.latest
-        return latest.frame() if latest is not None and time.time() < latest.expires else b""
+        return self._frame if latest is not None and time.time() < latest.expires else b""
 
     def heard(self, raw: str) -> Notice | None:
         """A notice announced on the hub channel: the latest now (None: not one of ours)."""
@@ -88,7 +89,7 @@ class Notices:
         except (ValueError, KeyError, TypeError):
             log.warning("progress-sse ignored a malformed notice: %.80r", raw)
             return None
-        self.latest = notice
+        self.latest, self._frame = notice, notice.frame()
         return notice
 
     async def load(self, client: Any) -> None:
